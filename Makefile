@@ -1,0 +1,48 @@
+# wsi_pipeline: the front door. `make demo` and `make test` each work as the only command on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+# Stage arguments (override on the command line): make preprocess SLIDES=/data/slides OUT=/data/out
+SLIDES ?= slides
+OUT ?= out
+ENCODER ?= uni
+WEIGHTS ?=
+TASK ?= panda
+MODEL ?= mamba2d
+FEATURES ?= $(OUT)/features/$(ENCODER)
+RUN ?=
+ARGS ?=
+
+.PHONY: setup test demo preprocess features train report bench bench-preprocess bench-ops bench-extract bench-train build-ops clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m wsi_pipeline.demo $(ARGS)
+
+preprocess: setup
+	$(PY) -m wsi_pipeline.preprocess slides=$(SLIDES) out=$(OUT) $(ARGS)
+
+features: setup
+	$(PY) -m wsi_pipeline.extract slides=$(SLIDES) patches=$(OUT)/patches out=$(OUT)/features encoder=$(ENCODER) $(if $(WEIGHTS),encoder.weights=$(WEIGHTS)) $(ARGS)
+
+train: setup
+	$(PY) -m wsi_pipeline.train task=$(TASK) model=$(MODEL) features=$(FEATURES) $(ARGS)
+
+report: setup
+	$(PY) -m wsi_pipeline.report run=$(RUN) $(ARGS)
+
+clean:
+	rm -rf build demo_out bench_out outputs multirun .pytest_cache

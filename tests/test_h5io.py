@@ -1,0 +1,55 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from wsi_pipeline.h5io import (FORMAT_VERSION, FeatureGrid, FormatError, Manifest, PatchGrid, atomic_path,
+                               read_features, read_patches, write_features, write_patches)
+
+
+def test_patches_round_trip(tmp_path):
+    grid = np.array([[0, 1], [2, 3]], np.int32)
+    patches = PatchGrid(grid[:, ::-1] * 1024, grid, {"slide_id": "a", "grid_shape": (3, 4), "target_mpp": 0.5})
+    write_patches(tmp_path / "a.h5", patches)
+    back = read_patches(tmp_path / "a.h5")
+    assert back.coords.dtype == np.int64 and back.grid.dtype == np.int32
+    np.testing.assert_array_equal(back.coords, [[1024, 0], [3072, 2048]])
+    assert back.attrs["grid_shape"] == (3, 4) and back.attrs["format_version"] == FORMAT_VERSION
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_features_must_be_row_aligned(tmp_path):
+    with pytest.raises(ValueError, match="row-aligned"):
+        FeatureGrid(np.zeros((3, 2)), np.zeros((3, 2)), {}, features=np.zeros((2, 8)))
+    fg = FeatureGrid(np.zeros((3, 2)), np.zeros((3, 2)), {"encoder": "x"}, features=np.ones((3, 8), np.float16))
+    write_features(tmp_path / "f.h5", fg)
+    back = read_features(tmp_path / "f.h5")
+    assert back.features.dtype == np.float16 and back.features.shape == (3, 8)
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "x.txt"
+    target.write_text("good")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "good"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_reading_a_corrupt_file_names_it(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(FormatError, match="bad.h5"):
+        read_patches(bad)
+
+
+def test_manifest_updates_rows_and_survives_reload(tmp_path):
+    m = Manifest(tmp_path / "manifest.csv")
+    m.record("b", "/s/b.svs", "failed", error="no tissue")
+    m.record("a", "/s/a.svs", "ok", 12, 1.5)
+    m.record("b", "/s/b.svs", "ok", 3, 0.5)
+    frame = pd.read_csv(tmp_path / "manifest.csv", keep_default_na=False)
+    assert list(frame.columns) == ["slide_id", "source", "status", "n_patches", "seconds", "error"]
+    assert frame.slide_id.tolist() == ["a", "b"] and frame.n_patches.tolist() == [12, 3]
+    assert Manifest(tmp_path / "manifest.csv").rows["b"]["status"] == "ok"
