@@ -1,0 +1,330 @@
+"""Feature extraction (stage 3) on generated slides: readers, loader, files, resume, sharding, bad input."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from wsi_pipeline.encoders import create_encoder
+from wsi_pipeline.extract import CONFIG_DIR, CellBatches, CellKey, Shard, make_loader, run
+from wsi_pipeline.h5io import PatchGrid, read_features, read_patches, write_patches
+from wsi_pipeline.patch_reader import READERS, JpegTileReader, choose_reader
+from wsi_pipeline.slide import Slide
+from wsi_pipeline.synthetic import SyntheticSlide, blobs
+
+REPO = Path(__file__).resolve().parents[1]
+# The fast path decodes at 1/2 or 1/4 scale in the DCT domain where the reference decodes fully and
+# resizes bilinearly: two slightly different low-pass filters. JPEG q85 compression of the same
+# texture already costs about 2.2 grey levels mean |error| and 35 dB PSNR; the two paths must agree
+# better than that.
+FAST_MEAN_ABS_TOL, FAST_MIN_PSNR = 2.0, 36.0
+
+
+def write_test_patches(slide_path: Path, out_dir: Path, spec: SyntheticSlide, target_mpp: float = 0.5,
+                       patch_size: int = 512) -> Path:
+    """patches/<id>.h5 for the lattice cells whose centre lies in the slide's known tissue (no preprocessing)."""
+    with Slide(slide_path) as slide:
+        plan = slide.read_plan(target_mpp, patch_size)
+        step = plan.patch_size_level0
+        rows, cols = slide.dimensions[1] // step, slide.dimensions[0] // step
+    r, c = (a.ravel() for a in np.mgrid[:rows, :cols])
+    keep = spec.mask((c + 0.5) * step, (r + 0.5) * step)
+    grid = np.stack([r[keep], c[keep]], 1)
+    attrs = dict(slide_id=slide.slide_id, patch_size=patch_size, target_mpp=target_mpp, level0_mpp=slide.mpp,
+                 patch_size_level0=step, read_level=plan.read_level, read_size=plan.read_size,
+                 grid_shape=(rows, cols), tissue_threshold=0.5)
+    path = out_dir / f"{slide.slide_id}.h5"
+    write_patches(path, PatchGrid(grid[:, ::-1] * step, grid, attrs))
+    return path
+
+
+SPEC = dict(width=6144, height=4096)
+
+
+@pytest.fixture(scope="module")
+def cohort(slide_factory, tmp_path_factory):
+    """Three small 40x slides with their patches files: (slides dir, patches dir)."""
+    root = tmp_path_factory.mktemp("cohort")
+    slides, patches = root / "slides", root / "patches"
+    for k in range(3):
+        spec = SyntheticSlide(**SPEC, tissue=blobs(SPEC["width"], SPEC["height"], 2, seed=10 + k, fill=0.6), seed=k)
+        path = slide_factory(f"case{k}.tif", folder=slides, **SPEC, tissue=spec.tissue, seed=k)
+        write_test_patches(path, patches, spec)
+    return slides, patches
+
+
+def extract_cfg(slides: Path, patches: Path, out: Path, *overrides: str):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("extract", overrides=[f"slides={slides}", f"patches={patches}", f"out={out}",
+                                             "encoder=random_proj_demo", "num_workers=0", "batch_size=4",
+                                             *overrides])
+
+
+def h5_content(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {**{k: f[k][:] for k in f}, **{f"@{k}": f.attrs[k] for k in f.attrs}}
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    ca, cb = h5_content(a), h5_content(b)
+    assert ca.keys() == cb.keys()
+    for key in ca:
+        np.testing.assert_array_equal(ca[key], cb[key], err_msg=f"{a.name}: {key}")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a.astype(float) - b.astype(float)) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+# -- readers --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixture", ["slide_40x", "slide_20x"])
+@pytest.mark.parametrize("out_size", [512, 224])
+def test_jpeg_tiles_match_openslide_reference(request, fixture, out_size):
+    with Slide(request.getfixturevalue(fixture)) as slide:
+        plan = slide.read_plan(0.5, 512)
+        source = choose_reader(slide, plan)
+        assert source.reader == "jpeg_tiles"
+        fast, reference = READERS["jpeg_tiles"](source), READERS["openslide"](source)
+        step = plan.patch_size_level0
+        # tissue cells, a background cell, and cells hanging over the right/bottom edge and the origin
+        cells = [(2 * step, step), (3 * step, 2 * step), (0, 0), (slide.dimensions[0] - step // 2, step),
+                 (step, slide.dimensions[1] - step // 3), (-step // 2, -step // 4)]
+        for x, y in cells:
+            a, b = fast.read(x, y, out_size), reference.read(x, y, out_size)
+            assert a.shape == b.shape == (out_size, out_size, 3) and a.dtype == np.uint8
+            assert np.abs(a.astype(int) - b.astype(int)).mean() <= FAST_MEAN_ABS_TOL, (x, y)
+            assert psnr(a, b) >= FAST_MIN_PSNR, (x, y)
+        # the cell hanging over the right edge is white beyond it, as OpenSlide draws it
+        edge = fast.read(slide.dimensions[0] - step // 2, step, out_size)
+        assert (edge[:, -out_size // 4:] == 255).all()
+        fast.close(), reference.close()
+
+
+def test_jpeg_tiles_decode_at_reduced_dct_scale(slide_40x):
+    with Slide(slide_40x) as slide:
+        reader = JpegTileReader(choose_reader(slide, slide.read_plan(0.5, 512)))
+    assert [reader.scale_for(s) for s in (1024, 512, 224, 112, 64)] == [1, 2, 4, 8, 8]
+    reader.close()
+
+
+def test_untiled_slide_falls_back_to_openslide(slide_factory):
+    path = slide_factory("uncompressed.tif", width=2048, height=2048, compression=None)
+    with Slide(path) as slide:
+        assert choose_reader(slide, slide.read_plan(0.5, 512)).reader == "openslide"
+
+
+def test_loader_cell_equals_direct_openslide_read_and_resize(cohort):
+    """A cell through the DataLoader (worker processes, reader=openslide) equals OpenSlide read + resize, exactly."""
+    slides, patches = cohort
+    grid = read_patches(patches / "case0.h5")
+    with Slide(slides / "case0.tif") as slide:
+        plan = slide.read_plan(0.5, 512)
+        source = choose_reader(slide, plan, "openslide")
+    batches = CellBatches(batch_size=3)
+    batches.keys = [CellKey(source, i, int(x), int(y), 224) for i, (x, y) in enumerate(grid.coords[:5])]
+    loaded = torch.cat([b["image"] for b in make_loader(batches, num_workers=2, pin_memory=False, prefetch_factor=2)])
+    osr = openslide.OpenSlide(str(slides / "case0.tif"))
+    for i, (x, y) in enumerate(grid.coords[:5]):
+        region = osr.read_region((int(x), int(y)), plan.read_level, (plan.read_size, plan.read_size)).convert("RGB")
+        expected = region.resize((512, 512), Image.BILINEAR).resize((224, 224), Image.BILINEAR)
+        np.testing.assert_array_equal(loaded[i].numpy(), np.asarray(expected))
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def test_features_row_aligned_with_coords(cohort, tmp_path):
+    slides, patches = cohort
+    outcomes = run(extract_cfg(slides, patches, tmp_path, "num_workers=2"))
+    assert [o.status for o in outcomes] == ["ok"] * 3
+    encoder = create_encoder("random_proj_demo")
+    grid = read_patches(patches / "case1.h5")
+    feats = read_features(tmp_path / "random_proj_demo" / "case1.h5")
+    np.testing.assert_array_equal(feats.coords, grid.coords)
+    np.testing.assert_array_equal(feats.grid, grid.grid)
+    assert feats.features.shape == (len(grid), 128) and feats.features.dtype == np.float16
+    assert {**grid.attrs, "encoder": "random_proj_demo", "embed_dim": 128,
+            "weights_sha256": encoder.weights_sha256}.items() <= feats.attrs.items()
+    # every row is the feature of its own cell: recompute a few rows from direct reads, in shuffled order
+    with Slide(slides / "case1.tif") as slide:
+        reader = READERS["jpeg_tiles"](choose_reader(slide, slide.read_plan(0.5, 512)))
+    rows = np.random.default_rng(0).permutation(len(grid))[:4]
+    images = torch.from_numpy(np.stack([reader.read(*grid.coords[i], 112) for i in rows]))
+    with torch.no_grad():
+        expected = encoder.model(encoder.preprocess(images)).numpy()
+    np.testing.assert_allclose(feats.features[rows].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    assert not np.allclose(feats.features[rows[0]], feats.features[rows[1]])
+    manifest = pd.read_csv(tmp_path / "random_proj_demo" / "manifest.csv")
+    assert manifest["status"].tolist() == ["ok"] * 3
+    assert manifest["n_patches"].tolist() == [len(read_patches(patches / f"case{k}.h5")) for k in range(3)]
+
+
+def test_rerun_skips_finished_slides(cohort, tmp_path):
+    slides, patches = cohort
+    run(extract_cfg(slides, patches, tmp_path))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "random_proj_demo").glob("*.h5")}
+    outcomes = run(extract_cfg(slides, patches, tmp_path))
+    assert [o.status for o in outcomes] == ["skipped"] * 3
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "random_proj_demo").glob("*.h5")}
+
+
+def test_interrupted_run_resumes_to_identical_files(cohort, tmp_path, monkeypatch):
+    slides, patches = cohort
+    run(extract_cfg(slides, patches, tmp_path / "clean"))
+    from wsi_pipeline import extract
+    calls = {"n": 0}
+    forward = extract.Extractor.forward
+    batches = [-(-len(read_patches(patches / f"case{k}.h5")) // 4) for k in range(2)]
+    assert batches[1] >= 2
+
+    def dies_in_second_slide(self, images):
+        calls["n"] += 1
+        if calls["n"] == batches[0] + 2:  # the second batch of slide case1
+            raise KeyboardInterrupt
+        return forward(self, images)
+
+    monkeypatch.setattr(extract.Extractor, "forward", dies_in_second_slide)
+    with pytest.raises(KeyboardInterrupt):
+        run(extract_cfg(slides, patches, tmp_path / "resumed"))
+    out = tmp_path / "resumed" / "random_proj_demo"
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".h5", ".tmp")) == ["case0.h5"]
+    monkeypatch.setattr(extract.Extractor, "forward", forward)
+    outcomes = run(extract_cfg(slides, patches, tmp_path / "resumed"))
+    assert [o.status for o in outcomes] == ["skipped", "ok", "ok"]
+    for k in range(3):
+        assert_same_files(tmp_path / "clean" / "random_proj_demo" / f"case{k}.h5", out / f"case{k}.h5")
+
+
+def cli(slides: Path, patches: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, *launcher, "-m", "wsi_pipeline.extract", f"slides={slides}", f"patches={patches}",
+            f"out={out}", "encoder=random_proj_demo", "num_workers=0", "batch_size=2", *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_identical_files(cohort, tmp_path):
+    """SIGKILL the app as soon as its first slide is written; the re-run finishes with identical files."""
+    slides, patches = cohort
+    out = tmp_path / "killed"  # reader=openslide: slow enough (about 0.5 s a slide) to be killed mid-run
+    proc = subprocess.Popen(cli(slides, patches, out, "reader=openslide"), cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "random_proj_demo" / "case0.h5"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (out / "random_proj_demo").glob("*.h5"))
+    assert done and len(done) < 3, f"the kill came too late to test resuming: {done}"
+    subprocess.run(cli(slides, patches, out, "reader=openslide"), cwd=REPO, env=env(), check=True, capture_output=True)
+    run(extract_cfg(slides, patches, tmp_path / "clean", "batch_size=2", "reader=openslide"))
+    assert not list((out / "random_proj_demo").glob("*.tmp"))
+    for k in range(3):
+        assert_same_files(tmp_path / "clean" / "random_proj_demo" / f"case{k}.h5",
+                          out / "random_proj_demo" / f"case{k}.h5")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_share_the_slides(cohort, tmp_path):
+    slides, patches = cohort
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    result = subprocess.run(cli(slides, patches, tmp_path, launcher=launcher), cwd=REPO, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "random_proj_demo"
+    ranks = [set(pd.read_csv(out / f"manifest.rank{r}-of-2.csv")["slide_id"]) for r in range(2)]
+    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1]
+    assert ranks[0] | ranks[1] == {"case0", "case1", "case2"}
+    merged = pd.read_csv(out / "manifest.csv")
+    assert sorted(merged["slide_id"]) == ["case0", "case1", "case2"] and set(merged["status"]) == {"ok"}
+    run(extract_cfg(slides, patches, tmp_path / "single", "batch_size=2"))
+    for k in range(3):
+        assert_same_files(tmp_path / "single" / "random_proj_demo" / f"case{k}.h5", out / f"case{k}.h5")
+
+
+def test_shards_are_disjoint_and_complete():
+    sources = [Path(f"s{k:02d}.svs") for k in range(11)]
+    shards = [Shard(r, 4).take(sources) for r in range(4)]
+    assert sorted(sum(shards, [])) == sorted(sources)
+    assert sum(len(s) for s in shards) == 11
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def copy_cohort(cohort, tmp_path: Path) -> tuple[Path, Path]:
+    slides, patches = tmp_path / "slides", tmp_path / "patches"
+    slides.mkdir(), patches.mkdir()
+    for k in range(3):
+        (slides / f"case{k}.tif").symlink_to(cohort[0] / f"case{k}.tif")
+        (patches / f"case{k}.h5").symlink_to(cohort[1] / f"case{k}.h5")
+    return slides, patches
+
+
+def test_missing_patches_file_fails_that_slide_only(cohort, tmp_path):
+    slides, patches = copy_cohort(cohort, tmp_path)
+    (patches / "case1.h5").unlink()
+    outcomes = {o.slide_id: o for o in run(extract_cfg(slides, patches, tmp_path / "out"))}
+    assert outcomes["case0"].status == outcomes["case2"].status == "ok"
+    assert outcomes["case1"].status == "failed"
+    assert "case1.h5: no patches file" in outcomes["case1"].error and "preprocess" in outcomes["case1"].error
+    manifest = pd.read_csv(tmp_path / "out" / "random_proj_demo" / "manifest.csv", keep_default_na=False)
+    assert manifest.set_index("slide_id").loc["case1", "status"] == "failed"
+    assert not (tmp_path / "out" / "random_proj_demo" / "case1.h5").exists()
+
+
+def test_truncated_slide_fails_that_slide_only(cohort, tmp_path):
+    slides, patches = copy_cohort(cohort, tmp_path)
+    data = (cohort[0] / "case2.tif").read_bytes()
+    (slides / "case2.tif").unlink()
+    (slides / "case2.tif").write_bytes(data[: len(data) // 2])
+    outcomes = {o.slide_id: o for o in run(extract_cfg(slides, patches, tmp_path / "out"))}
+    assert outcomes["case0"].status == outcomes["case1"].status == "ok"
+    assert outcomes["case2"].status == "failed" and "case2.tif" in outcomes["case2"].error
+    assert not (tmp_path / "out" / "random_proj_demo" / "case2.h5").exists()
+
+
+@pytest.mark.parametrize("reader", ["jpeg_tiles", "openslide"])
+def test_corrupt_tile_fails_that_slide_with_its_location(cohort, tmp_path, reader):
+    """Garbage in the middle of one tissue tile: the slide fails naming the cell, the run goes on."""
+    slides, patches = copy_cohort(cohort, tmp_path)
+    grid = read_patches(patches / "case0.h5")
+    with Slide(cohort[0] / "case0.tif") as slide:
+        level = JpegTileReader(choose_reader(slide, slide.read_plan(0.5, 512))).level
+    def tile_of(x, y):
+        return (y // level.tile_height) * level.tiles_across + x // level.tile_width
+
+    # a tissue cell whose top-left tile is not the densest one (that one is probed when choosing the reader)
+    x, y = next((x, y) for x, y in grid.coords[len(grid) // 2:] if tile_of(x, y) != np.argmax(level.byte_counts))
+    tile = tile_of(x, y)
+    data = bytearray((cohort[0] / "case0.tif").read_bytes())
+    start = int(level.offsets[tile])
+    data[start:start + int(level.byte_counts[tile])] = b"\x00" * int(level.byte_counts[tile])
+    (slides / "case0.tif").unlink()
+    (slides / "case0.tif").write_bytes(bytes(data))
+    outcomes = {o.slide_id: o for o in run(extract_cfg(slides, patches, tmp_path / "out", f"reader={reader}"))}
+    assert outcomes["case1"].status == outcomes["case2"].status == "ok"
+    assert outcomes["case0"].status == "failed", outcomes["case0"]
+    assert "case0.tif" in outcomes["case0"].error and f"({x}, {y})" in outcomes["case0"].error
+
+
+def test_missing_uni_weights_is_a_clear_error_from_the_app(cohort, tmp_path):
+    slides, patches = cohort
+    result = subprocess.run([sys.executable, "-m", "wsi_pipeline.extract", f"slides={slides}",
+                             f"patches={patches}", f"out={tmp_path}", "encoder=uni"],
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    said = result.stdout + result.stderr  # Hydra's logging goes to stdout
+    assert "gated" in said and "encoder.weights=" in said and "Traceback" not in said

@@ -1,0 +1,308 @@
+"""Stage 3: frozen features for every patch of every slide, as `features/<encoder>/<slide_id>.h5`.
+
+    python -m wsi_pipeline.extract slides=DIR patches=DIR out=DIR encoder=uni encoder.weights=/path/pytorch_model.bin
+    torchrun --nproc_per_node=G -m wsi_pipeline.extract ...    # one process per GPU, slides sharded by rank
+
+Per slide (through `stage.run_per_slide`: resume, atomic writes, manifest, failure isolation), the
+cells of `patches/<slide_id>.h5` are read by DataLoader workers (each opens its own slide handles;
+`patch_reader` decodes JPEG tiles directly where it can) and encoded in batches on the GPU (bf16
+autocast, channels-last, optional torch.compile). The workers persist across slides: a slide's
+cells reach them as keys that carry the slide, so no worker pool is started per slide.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from tqdm.auto import tqdm
+
+from .encoders import Encoder, WeightsError, create_encoder
+from .h5io import FeatureGrid, FormatError, Manifest, PatchGrid, read_patches, write_features
+from .patch_reader import READERS, PatchReader, SlideSource, choose_reader
+from .slide import ReadPlan, Slide, SlideError, list_slides, slide_id_of
+from .stage import Outcome, run_per_slide
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PLAN_ATTRS = ("target_mpp", "patch_size", "patch_size_level0", "read_level", "read_size")
+OPEN_READERS_PER_WORKER = 2  # the slide in progress and the next one
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+# -- reading cells in DataLoader workers ----------------------------------------------------------
+@dataclass(frozen=True)
+class CellKey:
+    """One cell to read: row `index` of its slide's patches file, level-0 top-left (x, y)."""
+
+    source: SlideSource
+    index: int
+    x: int
+    y: int
+    out_size: int
+
+
+class CellDataset(Dataset):
+    """Maps a `CellKey` to {image: uint8 (S, S, 3), index, error}; each worker keeps its own open readers.
+
+    A cell that cannot be read comes back black with `error` set, so the main process can fail the
+    slide with one clear message rather than a worker's traceback.
+    """
+
+    def __init__(self) -> None:
+        self._readers: OrderedDict[tuple, PatchReader] = OrderedDict()
+
+    def forget_readers(self) -> None:
+        """Drop handles inherited from the parent process (never share an OpenSlide handle across fork)."""
+        self._readers = OrderedDict()
+
+    def reader(self, source: SlideSource) -> PatchReader:
+        key = (source.path, source.reader, source.plan)
+        if key not in self._readers:
+            while len(self._readers) >= OPEN_READERS_PER_WORKER:
+                self._readers.popitem(last=False)[1].close()
+            self._readers[key] = READERS[source.reader](source)
+        self._readers.move_to_end(key)
+        return self._readers[key]
+
+    def __getitem__(self, key: CellKey) -> dict:
+        try:
+            image, error = np.require(self.reader(key.source).read(key.x, key.y, key.out_size), np.uint8, "CW"), ""
+        except (SlideError, OSError, cv2.error) as err:
+            image = np.zeros((key.out_size, key.out_size, 3), np.uint8)
+            error = f"cell {key.index} at level-0 (x, y) = ({key.x}, {key.y}): {err}"
+        return {"image": image, "index": key.index, "error": error}
+
+    def __len__(self) -> int:  # keys come from CellBatches, never from range(len(dataset))
+        raise TypeError("CellDataset is indexed by CellKey")
+
+
+class CellBatches(Sampler):
+    """Batches of `CellKey`s of the slide in progress; set anew for each slide (the workers persist)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.keys: list[CellKey] = []
+
+    def __iter__(self) -> Iterator[list[CellKey]]:
+        for start in range(0, len(self.keys), self.batch_size):
+            yield self.keys[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.keys) // self.batch_size)
+
+
+def _init_worker(worker_id: int) -> None:
+    info = get_worker_info()
+    info.dataset.forget_readers()
+    cv2.setNumThreads(1)  # one decoding thread per worker: the workers are the parallelism
+    torch.set_num_threads(1)
+
+
+def make_loader(batches: CellBatches, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
+    return DataLoader(
+        CellDataset(), batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+        worker_init_fn=_init_worker if num_workers else None, persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers else None,
+    )
+
+
+# -- one slide ------------------------------------------------------------------------------------
+def read_plan_of(patches: PatchGrid, path: Path) -> ReadPlan:
+    missing = [key for key in PLAN_ATTRS if key not in patches.attrs]
+    if missing:
+        raise FormatError(f"{path}: attrs {missing} missing; re-run preprocessing for this slide")
+    a = patches.attrs
+    return ReadPlan(float(a["target_mpp"]), int(a["patch_size"]), int(a["patch_size_level0"]),
+                    int(a["read_level"]), int(a["read_size"]))
+
+
+class Extractor:
+    """The per-slide work function of the stage: `extractor(slide_path) -> n_patches`, writing one file."""
+
+    def __init__(self, encoder: Encoder, patches_dir: Path, out_dir: Path, cfg: DictConfig, device: torch.device):
+        self.encoder, self.patches_dir, self.out_dir, self.cfg, self.device = encoder, patches_dir, out_dir, cfg, device
+        self.model = encoder.model.to(device)
+        if device.type == "cuda" and cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.batches = CellBatches(int(cfg.batch_size))
+        self.loader: DataLoader | None = None
+
+    def output_of(self, slide_id: str) -> Path:
+        return self.out_dir / f"{slide_id}.h5"
+
+    def __call__(self, slide_path: Path) -> int:
+        slide_id = slide_id_of(slide_path)
+        patches_path = self.patches_dir / f"{slide_id}.h5"
+        if not patches_path.is_file():
+            raise FormatError(f"{patches_path}: no patches file for slide {slide_path}; "
+                              "run preprocessing for this slide first (make preprocess)")
+        patches = read_patches(patches_path)
+        plan = read_plan_of(patches, patches_path)
+        with Slide(slide_path, mpp_override=patches.attrs.get("level0_mpp")) as slide:
+            if plan.read_level >= slide.level_count:
+                raise FormatError(f"{patches_path}: read_level {plan.read_level} but {slide_path} has "
+                                  f"{slide.level_count} levels; were the patches made from another file?")
+            source = choose_reader(slide, plan, self.cfg.reader)
+        features = self.encode(source, patches.coords, desc=slide_id)
+        attrs = {**patches.attrs, "encoder": self.encoder.name, "embed_dim": self.encoder.embed_dim,
+                 "weights_sha256": self.encoder.weights_sha256, "encoder_input_size": self.encoder.input_size}
+        write_features(self.output_of(slide_id), FeatureGrid(patches.coords, patches.grid, attrs,
+                                                             features=self.to_storage(features, slide_path)))
+        return len(patches)
+
+    def to_storage(self, features: np.ndarray, slide_path: Path) -> np.ndarray:
+        dtype = FEATURE_DTYPES[self.cfg.features_dtype]
+        stored = features.astype(dtype)
+        if not np.isfinite(stored).all():
+            raise SlideError(f"{slide_path}: features are not finite as {self.cfg.features_dtype} "
+                             f"(largest |value| {np.abs(features).max():.3g}); set features_dtype=float32")
+        return stored
+
+    def encode(self, source: SlideSource, coords: np.ndarray, desc: str = "") -> np.ndarray:
+        """(N, embed_dim) float32 features of the cells at `coords`, row i for coords[i]."""
+        n, size = len(coords), self.encoder.input_size
+        out = torch.full((n, self.encoder.embed_dim), float("nan"), device=self.device)
+        self.batches.keys = [CellKey(source, i, int(x), int(y), size) for i, (x, y) in enumerate(coords)]
+        if self.loader is None:
+            self.loader = make_loader(self.batches, self.num_workers, self.device.type == "cuda",
+                                      int(self.cfg.prefetch_factor))
+        try:
+            with tqdm(total=n, desc=desc, unit="patch", leave=False, disable=n == 0) as bar:
+                for batch in self.loader:
+                    errors = [e for e in batch["error"] if e]
+                    if errors:
+                        raise SlideError(f"{source.path}: {errors[0]} ({len(errors)} unreadable cell(s) in this batch)")
+                    index = batch["index"].to(self.device, non_blocking=True)
+                    out.index_copy_(0, index, self.forward(batch["image"]))
+                    bar.update(len(batch["index"]))
+        except BaseException:
+            self.close()  # a half-consumed loader is not reused: start clean workers for the next slide
+            raise
+        result = out.cpu().numpy()
+        if np.isnan(result).all(axis=1).any():
+            raise RuntimeError(f"{source.path}: {int(np.isnan(result).all(axis=1).sum())} rows were never written")
+        return result
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.encoder.preprocess(images.to(self.device, non_blocking=True))
+        n = len(x)
+        if self.cfg.compile and n < self.batches.batch_size:  # one static shape for the compiled graph
+            x = torch.cat([x, x.new_zeros((self.batches.batch_size - n, *x.shape[1:]))])
+        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        with torch.autocast(self.device.type, dtype=precision, enabled=precision is not None and self.device.type == "cuda"):
+            return self.model(x)[:n].float()
+
+    @property
+    def num_workers(self) -> int:
+        if self.cfg.num_workers != "auto":
+            return int(self.cfg.num_workers)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        return max(0, (os.cpu_count() or 1) // local_world - 1)
+
+    def close(self) -> None:
+        self.loader = None  # drops the iterator and with it the worker processes
+
+
+# -- the run: sharding across torchrun ranks, manifests -------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1."""
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+    def take(self, sources: Sequence[Path]) -> list[Path]:
+        """Every world_size-th slide of the sorted list, from rank: disjoint shards covering all slides."""
+        return sorted(sources)[self.rank::self.world_size]
+
+    def manifest_path(self, out_dir: Path) -> Path:
+        if self.world_size == 1:
+            return out_dir / "manifest.csv"
+        return out_dir / f"manifest.rank{self.rank}-of-{self.world_size}.csv"
+
+
+def merge_manifests(out_dir: Path, world_size: int) -> Path:
+    """Fold the ranks' manifests into manifest.csv, under a lock: the last rank to finish writes it complete."""
+    merged = out_dir / "manifest.csv"
+    with open(out_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = Manifest(merged)
+        for rank in range(world_size):
+            part = Shard(rank, world_size).manifest_path(out_dir)
+            if part.is_file():
+                for row in pd.read_csv(part, keep_default_na=False).to_dict("records"):
+                    manifest.rows[str(row["slide_id"])] = row
+        manifest.save()
+    return merged
+
+
+def pick_device(name: str, shard: Shard) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{shard.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig) -> list[Outcome]:
+    """Extract features for every slide of cfg.slides (this rank's shard) into cfg.out/<encoder>/."""
+    shard = Shard.from_env()
+    encoder_cfg = OmegaConf.to_container(cfg.encoder, resolve=True)
+    encoder = create_encoder(encoder_cfg.pop("name"), **encoder_cfg)
+    device = pick_device(cfg.device, shard)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out_dir = Path(cfg.out) / encoder.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = shard.take(list_slides(cfg.slides))
+    log.info("rank %d/%d: %d slides, encoder %s (%d-d, input %d px) on %s", shard.rank, shard.world_size,
+             len(sources), encoder.name, encoder.embed_dim, encoder.input_size, device)
+    manifest_path = shard.manifest_path(out_dir)
+    if shard.world_size > 1:
+        manifest_path.unlink(missing_ok=True)  # this run's rows only; older ones live in manifest.csv
+    extractor = Extractor(encoder, Path(cfg.patches), out_dir, cfg, device)
+    start = time.perf_counter()
+    try:
+        outcomes = run_per_slide(sources, extractor, extractor.output_of, Manifest(manifest_path),
+                                 overwrite=cfg.overwrite, desc=f"extract {encoder.name}")
+    finally:
+        extractor.close()
+    if shard.world_size > 1:
+        merge_manifests(out_dir, shard.world_size)
+    done = [o for o in outcomes if o.status == "ok"]
+    seconds = time.perf_counter() - start
+    log.info("rank %d: %d slides extracted, %d patches in %.1f s (%.0f patches/s)", shard.rank, len(done),
+             sum(o.n_patches for o in done), seconds, sum(o.n_patches for o in done) / max(seconds, 1e-9))
+    return outcomes
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="extract", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (WeightsError, SlideError, KeyError) as err:  # a bad config or folder: one clear line, no traceback
+        log.error("%s", err)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
