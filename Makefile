@@ -46,3 +46,8 @@ report: setup
 
 clean:
 	rm -rf build demo_out bench_out outputs multirun .pytest_cache
+
+# Feature-extraction throughput (reader-only, model-only, end-to-end) on a generated 40x JPEG slide cached
+# in bench_out/. CPU-sized by default; on a GPU machine: make bench-extract ARGS="--size 61440 --copies 8 --encoder uni --random-weights"
+bench-extract: setup
+	$(PY) scripts/bench_extract.py $(ARGS)

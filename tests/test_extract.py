@@ -19,10 +19,10 @@ from PIL import Image
 
 from wsi_pipeline.encoders import create_encoder
 from wsi_pipeline.extract import CONFIG_DIR, CellBatches, CellKey, Shard, make_loader, run
-from wsi_pipeline.h5io import PatchGrid, read_features, read_patches, write_patches
+from wsi_pipeline.h5io import read_features, read_patches, write_patches
 from wsi_pipeline.patch_reader import READERS, JpegTileReader, choose_reader
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.synthetic import SyntheticSlide, blobs
+from wsi_pipeline.synthetic import SyntheticSlide, blobs, known_tissue_patches
 
 REPO = Path(__file__).resolve().parents[1]
 # The fast path decodes at 1/2 or 1/4 scale in the DCT domain where the reference decodes fully and
@@ -32,21 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 FAST_MEAN_ABS_TOL, FAST_MIN_PSNR = 2.0, 36.0
 
 
-def write_test_patches(slide_path: Path, out_dir: Path, spec: SyntheticSlide, target_mpp: float = 0.5,
-                       patch_size: int = 512) -> Path:
-    """patches/<id>.h5 for the lattice cells whose centre lies in the slide's known tissue (no preprocessing)."""
-    with Slide(slide_path) as slide:
-        plan = slide.read_plan(target_mpp, patch_size)
-        step = plan.patch_size_level0
-        rows, cols = slide.dimensions[1] // step, slide.dimensions[0] // step
-    r, c = (a.ravel() for a in np.mgrid[:rows, :cols])
-    keep = spec.mask((c + 0.5) * step, (r + 0.5) * step)
-    grid = np.stack([r[keep], c[keep]], 1)
-    attrs = dict(slide_id=slide.slide_id, patch_size=patch_size, target_mpp=target_mpp, level0_mpp=slide.mpp,
-                 patch_size_level0=step, read_level=plan.read_level, read_size=plan.read_size,
-                 grid_shape=(rows, cols), tissue_threshold=0.5)
-    path = out_dir / f"{slide.slide_id}.h5"
-    write_patches(path, PatchGrid(grid[:, ::-1] * step, grid, attrs))
+def write_test_patches(slide_path: Path, out_dir: Path, spec: SyntheticSlide) -> Path:
+    """patches/<id>.h5 for the cells whose centre lies in the known tissue (no preprocessing module needed)."""
+    patches = known_tissue_patches(slide_path, spec)
+    path = out_dir / f"{patches.attrs['slide_id']}.h5"
+    write_patches(path, patches)
     return path
 
 
@@ -69,6 +59,7 @@ def extract_cfg(slides: Path, patches: Path, out: Path, *overrides: str):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("extract", overrides=[f"slides={slides}", f"patches={patches}", f"out={out}",
                                              "encoder=random_proj_demo", "num_workers=0", "batch_size=4",
+                                             "loader_batch_size=4",
                                              *overrides])
 
 
@@ -170,6 +161,17 @@ def test_features_row_aligned_with_coords(cohort, tmp_path):
     assert manifest["n_patches"].tolist() == [len(read_patches(patches / f"case{k}.h5")) for k in range(3)]
 
 
+def test_model_batches_cut_across_loader_batches_keep_rows(cohort, tmp_path):
+    """Loader batches of 3 gathered into model batches of 5 (and a ragged tail) give the same rows."""
+    slides, patches = cohort
+    run(extract_cfg(slides, patches, tmp_path / "a", "features_dtype=float32"))
+    run(extract_cfg(slides, patches, tmp_path / "b", "features_dtype=float32", "batch_size=5", "loader_batch_size=3"))
+    for k in range(3):
+        a = read_features(tmp_path / "a" / "random_proj_demo" / f"case{k}.h5").features
+        b = read_features(tmp_path / "b" / "random_proj_demo" / f"case{k}.h5").features
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_rerun_skips_finished_slides(cohort, tmp_path):
     slides, patches = cohort
     run(extract_cfg(slides, patches, tmp_path))
@@ -208,7 +210,7 @@ def test_interrupted_run_resumes_to_identical_files(cohort, tmp_path, monkeypatc
 
 def cli(slides: Path, patches: Path, out: Path, *extra: str, launcher: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, *launcher, "-m", "wsi_pipeline.extract", f"slides={slides}", f"patches={patches}",
-            f"out={out}", "encoder=random_proj_demo", "num_workers=0", "batch_size=2", *extra]
+            f"out={out}", "encoder=random_proj_demo", "num_workers=0", "batch_size=2", "loader_batch_size=2", *extra]
 
 
 def env() -> dict:
@@ -231,7 +233,7 @@ def test_killed_process_resumes_to_identical_files(cohort, tmp_path):
     done = sorted(p.name for p in (out / "random_proj_demo").glob("*.h5"))
     assert done and len(done) < 3, f"the kill came too late to test resuming: {done}"
     subprocess.run(cli(slides, patches, out, "reader=openslide"), cwd=REPO, env=env(), check=True, capture_output=True)
-    run(extract_cfg(slides, patches, tmp_path / "clean", "batch_size=2", "reader=openslide"))
+    run(extract_cfg(slides, patches, tmp_path / "clean", "batch_size=2", "loader_batch_size=2", "reader=openslide"))
     assert not list((out / "random_proj_demo").glob("*.tmp"))
     for k in range(3):
         assert_same_files(tmp_path / "clean" / "random_proj_demo" / f"case{k}.h5",
@@ -251,7 +253,7 @@ def test_torchrun_two_processes_share_the_slides(cohort, tmp_path):
     assert ranks[0] | ranks[1] == {"case0", "case1", "case2"}
     merged = pd.read_csv(out / "manifest.csv")
     assert sorted(merged["slide_id"]) == ["case0", "case1", "case2"] and set(merged["status"]) == {"ok"}
-    run(extract_cfg(slides, patches, tmp_path / "single", "batch_size=2"))
+    run(extract_cfg(slides, patches, tmp_path / "single", "batch_size=2", "loader_batch_size=2"))
     for k in range(3):
         assert_same_files(tmp_path / "single" / "random_proj_demo" / f"case{k}.h5", out / f"case{k}.h5")
 
@@ -328,3 +330,17 @@ def test_missing_uni_weights_is_a_clear_error_from_the_app(cohort, tmp_path):
     assert result.returncode == 2
     said = result.stdout + result.stderr  # Hydra's logging goes to stdout
     assert "gated" in said and "encoder.weights=" in said and "Traceback" not in said
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_extraction_matches_cpu_float32(cohort, tmp_path):
+    """The GPU path (pinned memory, worker processes, bf16 autocast, channels-last) computes the CPU's features."""
+    slides, patches = cohort
+    run(extract_cfg(slides, patches, tmp_path / "cpu", "device=cpu", "features_dtype=float32"))
+    run(extract_cfg(slides, patches, tmp_path / "gpu", "device=cuda", "precision=bf16", "num_workers=2",
+                    "features_dtype=float32", "batch_size=16"))
+    for k in range(3):
+        cpu = read_features(tmp_path / "cpu" / "random_proj_demo" / f"case{k}.h5").features
+        gpu = read_features(tmp_path / "gpu" / "random_proj_demo" / f"case{k}.h5").features
+        assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 1e-2  # bf16 operands: 1e-3 .. 1e-2

@@ -140,7 +140,7 @@ class Extractor:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.batches = CellBatches(int(cfg.batch_size))
+        self.batches = CellBatches(int(cfg.loader_batch_size))
         self.loader: DataLoader | None = None
 
     def output_of(self, slide_id: str) -> Path:
@@ -175,22 +175,47 @@ class Extractor:
         return stored
 
     def encode(self, source: SlideSource, coords: np.ndarray, desc: str = "") -> np.ndarray:
-        """(N, embed_dim) float32 features of the cells at `coords`, row i for coords[i]."""
+        """(N, embed_dim) float32 features of the cells at `coords`, row i for coords[i].
+
+        Workers deliver small batches (loader_batch_size) so the first images of a slide arrive soon
+        and the GPU is not left waiting at slide boundaries; they are gathered on the device into
+        model batches of batch_size.
+        """
         n, size = len(coords), self.encoder.input_size
         out = torch.full((n, self.encoder.embed_dim), float("nan"), device=self.device)
         self.batches.keys = [CellKey(source, i, int(x), int(y), size) for i, (x, y) in enumerate(coords)]
         if self.loader is None:
             self.loader = make_loader(self.batches, self.num_workers, self.device.type == "cuda",
                                       int(self.cfg.prefetch_factor))
+        images: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
+        batch_size = int(self.cfg.batch_size)
+
+        def flush(last: bool = False) -> None:
+            """Encode whole model batches of what has arrived (and the rest too, at the slide's end)."""
+            if not images:
+                return
+            x, index = torch.cat(images), torch.cat(rows)
+            images.clear(), rows.clear()
+            cut = len(x) if last else len(x) - len(x) % batch_size
+            for start in range(0, cut, batch_size):
+                stop = min(start + batch_size, cut)
+                out.index_copy_(0, index[start:stop], self.forward(x[start:stop]))
+            if cut < len(x):
+                images.append(x[cut:]), rows.append(index[cut:])
+
         try:
             with tqdm(total=n, desc=desc, unit="patch", leave=False, disable=n == 0) as bar:
                 for batch in self.loader:
                     errors = [e for e in batch["error"] if e]
                     if errors:
                         raise SlideError(f"{source.path}: {errors[0]} ({len(errors)} unreadable cell(s) in this batch)")
-                    index = batch["index"].to(self.device, non_blocking=True)
-                    out.index_copy_(0, index, self.forward(batch["image"]))
+                    images.append(batch["image"].to(self.device, non_blocking=True))
+                    rows.append(batch["index"].to(self.device, non_blocking=True))
+                    if sum(len(i) for i in images) >= batch_size:
+                        flush()
                     bar.update(len(batch["index"]))
+                flush(last=True)
         except BaseException:
             self.close()  # a half-consumed loader is not reused: start clean workers for the next slide
             raise
@@ -202,9 +227,9 @@ class Extractor:
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.encoder.preprocess(images.to(self.device, non_blocking=True))
-        n = len(x)
-        if self.cfg.compile and n < self.batches.batch_size:  # one static shape for the compiled graph
-            x = torch.cat([x, x.new_zeros((self.batches.batch_size - n, *x.shape[1:]))])
+        n, size = len(x), int(self.cfg.batch_size)
+        if self.cfg.compile and n < size:  # one static shape for the compiled graph
+            x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
         precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
         with torch.autocast(self.device.type, dtype=precision, enabled=precision is not None and self.device.type == "cuda"):
             return self.model(x)[:n].float()
@@ -263,11 +288,18 @@ def pick_device(name: str, shard: Shard) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: DictConfig) -> list[Outcome]:
-    """Extract features for every slide of cfg.slides (this rank's shard) into cfg.out/<encoder>/."""
-    shard = Shard.from_env()
+def build_encoder(cfg: DictConfig) -> Encoder:
     encoder_cfg = OmegaConf.to_container(cfg.encoder, resolve=True)
-    encoder = create_encoder(encoder_cfg.pop("name"), **encoder_cfg)
+    return create_encoder(encoder_cfg.pop("name"), **encoder_cfg)
+
+
+def run(cfg: DictConfig, encoder: Encoder | None = None) -> list[Outcome]:
+    """Extract features for every slide of cfg.slides (this rank's shard) into cfg.out/<encoder>/.
+
+    `encoder` (built from cfg.encoder when not given) lets a caller that already holds it skip the rebuild.
+    """
+    shard = Shard.from_env()
+    encoder = encoder or build_encoder(cfg)
     device = pick_device(cfg.device, shard)
     if device.type == "cuda":
         torch.cuda.set_device(device)

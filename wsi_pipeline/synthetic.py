@@ -171,3 +171,21 @@ def blobs(width: int, height: int, count: int, seed: int = 0, fill: float = 0.35
         ry = min(0.48, 0.5 * scale * rng.uniform(0.75, 1.0)) * ch
         out.append(Ellipse((c + 0.5) * cw, (r + 0.5) * ch, rx, ry))
     return out
+
+
+def known_tissue_patches(path: str | Path, spec: SyntheticSlide, target_mpp: float = 0.5, patch_size: int = 512):
+    """The PatchGrid a perfect preprocessing would keep for slide `path` drawn from `spec`: the lattice
+    cells whose centre lies in the known tissue (for tests and benchmarks of later stages)."""
+    from .h5io import PatchGrid  # late imports: keep this module free of the pipeline for slide writing
+    from .slide import Slide
+
+    with Slide(path) as slide:
+        plan = slide.read_plan(target_mpp, patch_size)
+        step = plan.patch_size_level0
+        rows, cols = slide.dimensions[1] // step, slide.dimensions[0] // step
+        attrs = dict(slide_id=slide.slide_id, patch_size=patch_size, target_mpp=target_mpp, level0_mpp=slide.mpp,
+                     patch_size_level0=step, read_level=plan.read_level, read_size=plan.read_size,
+                     grid_shape=(rows, cols), tissue_threshold=0.5)
+    r, c = (a.ravel() for a in np.mgrid[:rows, :cols])
+    grid = np.stack([r, c], 1)[spec.mask((c + 0.5) * step, (r + 0.5) * step)]
+    return PatchGrid(grid[:, ::-1] * step, grid, attrs)
