@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from wsi_pipeline.encoders import UNI_ARCHITECTURE  # noqa: E402
-from wsi_pipeline.extract import CONFIG_DIR, CellBatches, CellKey, Extractor, Shard, build_encoder, make_loader, pick_device, run  # noqa: E402
+from wsi_pipeline.extract import CONFIG_DIR, CellKey, Extractor, Shard, build_encoder, make_loader, pick_device, run  # noqa: E402
 from wsi_pipeline.h5io import write_patches  # noqa: E402
 from wsi_pipeline.patch_reader import choose_reader  # noqa: E402
 from wsi_pipeline.slide import Slide  # noqa: E402
@@ -82,16 +81,28 @@ def random_weights(root: Path, encoder: str) -> str | None:
     return str(path)
 
 
-def reader_only(extractor: Extractor, keys: list, workers: int, batch_size: int) -> dict:
-    batches = CellBatches(batch_size)
-    batches.keys = keys
-    loader = make_loader(batches, workers, pin_memory=False, prefetch_factor=4)
+def reader_only(extractor: Extractor, slides: list[Path]) -> dict:
+    """The extraction's own stream of cells over `slides` (workers, slide preparation), without the model."""
+    extractor.plan(slides)
     start, n = time.perf_counter(), 0
-    for batch in loader:
-        n += len(batch["index"])
+    for slide in slides:
+        _, batches = extractor.slide_batches(slide)
+        n += sum(len(batch["index"]) for batch in batches)
     seconds = time.perf_counter() - start  # includes starting the workers, as every run does once
-    del loader
-    return {"patches": n, "seconds": round(seconds, 3), "patches_per_s": round(n / seconds, 1), "workers": workers}
+    extractor.close()
+    return {"patches": n, "seconds": round(seconds, 3), "patches_per_s": round(n / seconds, 1),
+            "workers": extractor.num_workers}
+
+
+def openslide_only(extractor: Extractor, keys: list[CellKey], batch_size: int = 8) -> dict:
+    """The OpenSlide reference reader over the same cells, through the same DataLoader."""
+    batches = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    loader = make_loader(batches, extractor.num_workers, pin_memory=False, prefetch_factor=4)
+    start = time.perf_counter()
+    n = sum(len(batch["index"]) for batch in loader)
+    seconds = time.perf_counter() - start
+    return {"patches": n, "seconds": round(seconds, 3), "patches_per_s": round(n / seconds, 1),
+            "workers": extractor.num_workers}
 
 
 def model_only(extractor: Extractor, batch_size: int, batches: int) -> dict:
@@ -142,24 +153,23 @@ def main() -> None:
     device = pick_device(cfg.device, Shard())
     extractor = Extractor(encoder, patches, root / "features", cfg, device)
     build_seconds = time.perf_counter() - start
-    first = sorted(slides.iterdir())[0]
-    with Slide(first) as slide:
-        plan = slide.read_plan(0.5, 512)
-        fast, reference = choose_reader(slide, plan), choose_reader(slide, plan, "openslide")
-    cells = known_tissue_patches(first, spec).coords[: args.max_patches]
-    keys = [CellKey(fast, i, int(x), int(y), encoder.input_size) for i, (x, y) in enumerate(np.tile(cells, (args.copies, 1)))]
+    slide_paths = sorted(slides.iterdir())
+    with Slide(slide_paths[0]) as slide:
+        reference = choose_reader(slide, slide.read_plan(0.5, 512), "openslide")
+    cells = known_tissue_patches(slide_paths[0], spec).coords[: args.max_patches]
+    keys = [CellKey(reference, i, int(x), int(y), encoder.input_size) for i, (x, y) in enumerate(cells)]
     workers = extractor.num_workers
     results = {
         "machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                     "torch": torch.__version__, "python": platform.python_version()},
         "setup": {"slide_px": args.size, "copies": args.copies, "cells_per_slide": len(cells),
                   "encoder": encoder.name, "input_size": encoder.input_size, "batch_size": args.batch_size,
-                  "workers": workers, "compile": args.compile, "device": str(device), "reader": fast.reader},
+                  "loader_batch_size": int(cfg.loader_batch_size), "workers": workers, "compile": args.compile,
+                  "device": str(device), "reader": extractor.prepare(slide_paths[0]).source.reader},
         "encoder_build_s": round(build_seconds, 2),
     }
-    results["reader_only"] = reader_only(extractor, keys, workers, int(cfg.loader_batch_size))
-    slow_keys = [CellKey(reference, k.index, k.x, k.y, k.out_size) for k in keys[: args.openslide_patches]]
-    results["reader_only_openslide"] = reader_only(extractor, slow_keys, workers, 8)
+    results["reader_only"] = reader_only(extractor, slide_paths)
+    results["reader_only_openslide"] = openslide_only(extractor, keys[: args.openslide_patches])
     results["model_only"] = model_only(extractor, args.batch_size, args.model_batches)
     extractor.close()
     del extractor
@@ -174,7 +184,7 @@ def main() -> None:
     out_json.write_text(json.dumps(results, indent=2))
     print(json.dumps(results["setup"]))
     print(f"{'measure':<26}{'count':>10}{'seconds':>10}{'per s':>12}")
-    for name, key, unit in [("reader-only (" + fast.reader + ")", "reader_only", "patches"),
+    for name, key, unit in [("reader-only (" + results["setup"]["reader"] + ")", "reader_only", "patches"),
                             ("reader-only (openslide)", "reader_only_openslide", "patches"),
                             ("model-only", "model_only", "images"), ("end-to-end", "end_to_end", "patches")]:
         r = results[key]

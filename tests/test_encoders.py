@@ -26,13 +26,26 @@ def test_every_registered_encoder_has_one_config_and_back():
 
 
 def test_preprocess_normalises_uint8_images_channels_last():
-    encoder = create_encoder("random_proj_demo")
-    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    encoder = create_encoder("random_proj_demo", input_size=16)
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
     x = encoder.preprocess(images)
-    assert x.shape == (2, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.shape == (2, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
     expected = (images.permute(0, 3, 1, 2).double() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).double()) \
         / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).double()
     torch.testing.assert_close(x.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_preprocess_resizes_to_the_input_size_like_pil():
+    """Readers hand over larger images (e.g. 256 px for UNI's 224); the resize matches PIL's bilinear filter."""
+    from PIL import Image
+    encoder = create_encoder("random_proj_demo", input_size=224)
+    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    x = encoder.preprocess(torch.from_numpy(image)[None])
+    assert x.shape == (1, 3, 224, 224)
+    pil = np.asarray(Image.fromarray(image).resize((224, 224), Image.BILINEAR)).astype(np.float64) / 255
+    std, mean = np.array(IMAGENET_STD), np.array(IMAGENET_MEAN)
+    back = x[0].permute(1, 2, 0).double().numpy() * std + mean
+    assert np.abs(back - pil).mean() < 1.5 / 255  # PIL rounds to uint8; the filter is the same
 
 
 def test_demo_encoder_is_deterministic_from_its_seed():

@@ -62,8 +62,16 @@ class Encoder:
     meta: dict = field(default_factory=dict)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W); the permuted view is already channels-last."""
-        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        """uint8 (B, H, W, 3) -> normalised float (B, 3, S, S), S = input_size, channels-last in memory.
+
+        Images of another size are resized here, batched on the device, with the antialiased bilinear
+        filter of PIL's `resize` (as `Slide.read_patch`), so readers never pay for it per image.
+        """
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)  # the permuted NHWC view is channels-last
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+            x = x.contiguous(memory_format=torch.channels_last)  # one layout whatever the reader's size
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std)

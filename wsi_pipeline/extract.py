@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import hydra
@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
 from .encoders import Encoder, WeightsError, create_encoder
 from .h5io import FeatureGrid, FormatError, Manifest, PatchGrid, read_patches, write_features
 from .patch_reader import READERS, PatchReader, SlideSource, choose_reader
 from .slide import ReadPlan, Slide, SlideError, list_slides, slide_id_of
-from .stage import Outcome, run_per_slide
+from .stage import EXPECTED_ERRORS, Outcome, run_per_slide
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,14 @@ class CellKey:
     index: int
     x: int
     y: int
-    out_size: int
+    min_size: int  # the encoder's input size; readers return their cheapest size at least this large
 
 
 class CellDataset(Dataset):
-    """Maps a `CellKey` to {image: uint8 (S, S, 3), index, error}; each worker keeps its own open readers.
+    """Maps a `CellKey` to {image: uint8 (s, s, 3), index, slide, error}; each worker keeps its own readers.
 
-    A cell that cannot be read comes back black with `error` set, so the main process can fail the
-    slide with one clear message rather than a worker's traceback.
+    A cell that cannot be read comes back with `error` set (and no image), so the main process can
+    fail the slide with one clear message rather than a worker's traceback.
     """
 
     def __init__(self) -> None:
@@ -79,30 +79,55 @@ class CellDataset(Dataset):
         return self._readers[key]
 
     def __getitem__(self, key: CellKey) -> dict:
+        item = {"image": None, "index": key.index, "slide": key.source.path, "error": ""}
         try:
-            image, error = np.require(self.reader(key.source).read(key.x, key.y, key.out_size), np.uint8, "CW"), ""
+            item["image"] = np.require(self.reader(key.source).read(key.x, key.y, key.min_size), np.uint8, "CW")
         except (SlideError, OSError, cv2.error) as err:
-            image = np.zeros((key.out_size, key.out_size, 3), np.uint8)
-            error = f"cell {key.index} at level-0 (x, y) = ({key.x}, {key.y}): {err}"
-        return {"image": image, "index": key.index, "error": error}
+            item["error"] = f"cell {key.index} at level-0 (x, y) = ({key.x}, {key.y}): {err}"
+        return item
 
-    def __len__(self) -> int:  # keys come from CellBatches, never from range(len(dataset))
+    def __len__(self) -> int:  # keys come from a batch sampler, never from range(len(dataset))
         raise TypeError("CellDataset is indexed by CellKey")
 
 
-class CellBatches(Sampler):
-    """Batches of `CellKey`s of the slide in progress; set anew for each slide (the workers persist)."""
+def collate_cells(items: list[dict]) -> dict:
+    """One slide's cells: stacked images, row indices, and the errors (images dropped if any)."""
+    errors = [item["error"] for item in items if item["error"]]
+    images = torch.from_numpy(np.stack([item["image"] for item in items])) if not errors else torch.empty(0)
+    return {"image": images, "index": torch.tensor([item["index"] for item in items]),
+            "slide": items[0]["slide"], "error": errors}
 
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self.keys: list[CellKey] = []
+
+@dataclass
+class PreparedSlide:
+    patches: PatchGrid
+    source: SlideSource
+
+
+class SlideStream:
+    """The batch sampler: every cell of every slide to do, in order, in batches that never mix slides.
+
+    Slides are prepared (patches file read, reader chosen) lazily, as the DataLoader asks for more
+    cells, so the workers start on the next slide while the GPU finishes the current one. What a
+    slide's preparation gave (or the error it raised) is kept in `prepared` for the consumer.
+    """
+
+    def __init__(self, slides: Sequence[Path], prepare, batch_size: int, min_size: int) -> None:
+        self.slides = [str(s) for s in slides]
+        self.position = {slide: i for i, slide in enumerate(self.slides)}
+        self.prepare, self.batch_size, self.min_size = prepare, batch_size, min_size
+        self.prepared: dict[str, PreparedSlide | Exception] = {}
 
     def __iter__(self) -> Iterator[list[CellKey]]:
-        for start in range(0, len(self.keys), self.batch_size):
-            yield self.keys[start:start + self.batch_size]
-
-    def __len__(self) -> int:
-        return -(-len(self.keys) // self.batch_size)
+        for slide in self.slides:
+            try:
+                ready = self.prepared[slide] = self.prepare(Path(slide))
+            except EXPECTED_ERRORS as err:  # reported when the slide's turn comes
+                self.prepared[slide] = err
+                continue
+            keys = [CellKey(ready.source, i, int(x), int(y), self.min_size) for i, (x, y) in enumerate(ready.patches.coords)]
+            for start in range(0, len(keys), self.batch_size):
+                yield keys[start:start + self.batch_size]
 
 
 def _init_worker(worker_id: int) -> None:
@@ -112,10 +137,10 @@ def _init_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(batches: CellBatches, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
+def make_loader(batches: Iterable[list[CellKey]], num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
     return DataLoader(
         CellDataset(), batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-        worker_init_fn=_init_worker if num_workers else None, persistent_workers=num_workers > 0,
+        collate_fn=collate_cells, worker_init_fn=_init_worker if num_workers else None,
         prefetch_factor=prefetch_factor if num_workers else None,
     )
 
@@ -131,7 +156,12 @@ def read_plan_of(patches: PatchGrid, path: Path) -> ReadPlan:
 
 
 class Extractor:
-    """The per-slide work function of the stage: `extractor(slide_path) -> n_patches`, writing one file."""
+    """The per-slide work function of the stage: `extractor(slide_path) -> n_patches`, writing one file.
+
+    `plan(slides)` announces the slides to come, in the order they will be asked for; one DataLoader
+    then streams all their cells, so reading never stops at a slide boundary. A slide asked for out of
+    that order (or without a plan) restarts the stream from it.
+    """
 
     def __init__(self, encoder: Encoder, patches_dir: Path, out_dir: Path, cfg: DictConfig, device: torch.device):
         self.encoder, self.patches_dir, self.out_dir, self.cfg, self.device = encoder, patches_dir, out_dir, cfg, device
@@ -140,13 +170,18 @@ class Extractor:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.batches = CellBatches(int(cfg.loader_batch_size))
-        self.loader: DataLoader | None = None
+        self.slides: list[str] = []
+        self.stream: SlideStream | None = None
+        self.batches: Iterator[dict] | None = None
+        self.pushed_back: list[dict] = []
 
     def output_of(self, slide_id: str) -> Path:
         return self.out_dir / f"{slide_id}.h5"
 
-    def __call__(self, slide_path: Path) -> int:
+    def plan(self, slides: Sequence[Path]) -> None:
+        self.slides = [str(s) for s in slides]
+
+    def prepare(self, slide_path: Path) -> PreparedSlide:
         slide_id = slide_id_of(slide_path)
         patches_path = self.patches_dir / f"{slide_id}.h5"
         if not patches_path.is_file():
@@ -158,13 +193,15 @@ class Extractor:
             if plan.read_level >= slide.level_count:
                 raise FormatError(f"{patches_path}: read_level {plan.read_level} but {slide_path} has "
                                   f"{slide.level_count} levels; were the patches made from another file?")
-            source = choose_reader(slide, plan, self.cfg.reader)
-        features = self.encode(source, patches.coords, desc=slide_id)
-        attrs = {**patches.attrs, "encoder": self.encoder.name, "embed_dim": self.encoder.embed_dim,
+            return PreparedSlide(patches, choose_reader(slide, plan, self.cfg.reader))
+
+    def __call__(self, slide_path: Path) -> int:
+        ready, features = self.extract(slide_path)
+        attrs = {**ready.patches.attrs, "encoder": self.encoder.name, "embed_dim": self.encoder.embed_dim,
                  "weights_sha256": self.encoder.weights_sha256, "encoder_input_size": self.encoder.input_size}
-        write_features(self.output_of(slide_id), FeatureGrid(patches.coords, patches.grid, attrs,
-                                                             features=self.to_storage(features, slide_path)))
-        return len(patches)
+        grid = FeatureGrid(ready.patches.coords, ready.patches.grid, attrs, features=self.to_storage(features, slide_path))
+        write_features(self.output_of(slide_id_of(slide_path)), grid)
+        return len(grid)
 
     def to_storage(self, features: np.ndarray, slide_path: Path) -> np.ndarray:
         dtype = FEATURE_DTYPES[self.cfg.features_dtype]
@@ -174,55 +211,80 @@ class Extractor:
                              f"(largest |value| {np.abs(features).max():.3g}); set features_dtype=float32")
         return stored
 
-    def encode(self, source: SlideSource, coords: np.ndarray, desc: str = "") -> np.ndarray:
-        """(N, embed_dim) float32 features of the cells at `coords`, row i for coords[i].
+    # -- the stream of cells ----------------------------------------------------------------------
+    def start(self, slide: str) -> None:
+        """(Re)start the stream at `slide`, followed by the planned slides after it."""
+        rest = self.slides[self.slides.index(slide):] if slide in self.slides else [slide]
+        self.stream = SlideStream(rest, self.prepare, int(self.cfg.loader_batch_size), self.encoder.input_size)
+        loader = make_loader(self.stream, self.num_workers, self.device.type == "cuda", int(self.cfg.prefetch_factor))
+        self.batches, self.pushed_back = iter(loader), []
 
-        Workers deliver small batches (loader_batch_size) so the first images of a slide arrive soon
-        and the GPU is not left waiting at slide boundaries; they are gathered on the device into
-        model batches of batch_size.
+    def next_batch(self) -> dict | None:
+        if self.pushed_back:
+            return self.pushed_back.pop()
+        return next(self.batches, None)
+
+    def slide_batches(self, slide_path: Path) -> tuple[PreparedSlide, Iterator[dict]]:
+        """What preparing `slide_path` gave, and an iterator over its batches (raises its preparation error)."""
+        slide = str(slide_path)
+        if self.stream is None or slide not in self.stream.position:
+            self.start(slide)
+        position = self.stream.position[slide]
+        while slide not in self.stream.prepared:  # the sampler has not reached it: pull until it has
+            batch = self.next_batch()
+            if batch is None:
+                raise RuntimeError(f"{slide}: the stream of cells ended before this slide")
+            if self.stream.position[batch["slide"]] >= position:
+                self.pushed_back.append(batch)
+                break
+        ready = self.stream.prepared.pop(slide)
+        if isinstance(ready, Exception):
+            raise ready
+
+        def batches() -> Iterator[dict]:
+            done = 0
+            while done < len(ready.patches):
+                batch = self.next_batch()
+                if batch is None:
+                    raise RuntimeError(f"{slide}: the stream of cells ended {len(ready.patches) - done} cells early")
+                if batch["slide"] != slide:  # left over from a slide that failed before its end
+                    if self.stream.position[batch["slide"]] > position:
+                        raise RuntimeError(f"{slide}: cells of {batch['slide']} arrived before this slide's")
+                    continue
+                done += len(batch["index"])
+                yield batch
+
+        return ready, batches()
+
+    def extract(self, slide_path: Path) -> tuple[PreparedSlide, np.ndarray]:
+        """The slide's prepared patches and its (N, embed_dim) float32 features, row i for coords[i].
+
+        Workers deliver small batches (loader_batch_size) that are gathered on the device into model
+        batches of batch_size.
         """
-        n, size = len(coords), self.encoder.input_size
-        out = torch.full((n, self.encoder.embed_dim), float("nan"), device=self.device)
-        self.batches.keys = [CellKey(source, i, int(x), int(y), size) for i, (x, y) in enumerate(coords)]
-        if self.loader is None:
-            self.loader = make_loader(self.batches, self.num_workers, self.device.type == "cuda",
-                                      int(self.cfg.prefetch_factor))
-        images: list[torch.Tensor] = []
-        rows: list[torch.Tensor] = []
-        batch_size = int(self.cfg.batch_size)
-
-        def flush(last: bool = False) -> None:
-            """Encode whole model batches of what has arrived (and the rest too, at the slide's end)."""
-            if not images:
-                return
-            x, index = torch.cat(images), torch.cat(rows)
-            images.clear(), rows.clear()
-            cut = len(x) if last else len(x) - len(x) % batch_size
-            for start in range(0, cut, batch_size):
-                stop = min(start + batch_size, cut)
-                out.index_copy_(0, index[start:stop], self.forward(x[start:stop]))
-            if cut < len(x):
-                images.append(x[cut:]), rows.append(index[cut:])
-
         try:
-            with tqdm(total=n, desc=desc, unit="patch", leave=False, disable=n == 0) as bar:
-                for batch in self.loader:
-                    errors = [e for e in batch["error"] if e]
-                    if errors:
-                        raise SlideError(f"{source.path}: {errors[0]} ({len(errors)} unreadable cell(s) in this batch)")
-                    images.append(batch["image"].to(self.device, non_blocking=True))
-                    rows.append(batch["index"].to(self.device, non_blocking=True))
-                    if sum(len(i) for i in images) >= batch_size:
-                        flush()
+            ready, batches = self.slide_batches(slide_path)
+            n = len(ready.patches)
+            out = torch.full((n, self.encoder.embed_dim), float("nan"), device=self.device)
+            gather = BatchGatherer(int(self.cfg.batch_size), lambda x, rows: out.index_copy_(0, rows, self.forward(x)))
+            with tqdm(total=n, desc=slide_id_of(slide_path), unit="patch", leave=False, disable=n == 0) as bar:
+                for batch in batches:
+                    if batch["error"]:
+                        raise SlideError(f"{slide_path}: {batch['error'][0]} "
+                                         f"({len(batch['error'])} unreadable cell(s) in this batch)")
+                    gather.add(batch["image"].to(self.device, non_blocking=True),
+                               batch["index"].to(self.device, non_blocking=True))
                     bar.update(len(batch["index"]))
-                flush(last=True)
+                gather.flush(last=True)
+        except (SlideError, FormatError):
+            raise  # the stream goes on with the next slide
         except BaseException:
-            self.close()  # a half-consumed loader is not reused: start clean workers for the next slide
+            self.close()  # a broken loader (a worker died, an interrupt): the next slide restarts the stream
             raise
         result = out.cpu().numpy()
         if np.isnan(result).all(axis=1).any():
-            raise RuntimeError(f"{source.path}: {int(np.isnan(result).all(axis=1).sum())} rows were never written")
-        return result
+            raise RuntimeError(f"{slide_path}: {int(np.isnan(result).all(axis=1).sum())} rows were never written")
+        return ready, result
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -242,7 +304,35 @@ class Extractor:
         return max(0, (os.cpu_count() or 1) // local_world - 1)
 
     def close(self) -> None:
-        self.loader = None  # drops the iterator and with it the worker processes
+        self.stream = self.batches = None  # drops the loader's iterator and with it the worker processes
+        self.pushed_back = []
+
+
+class BatchGatherer:
+    """Gathers small batches of images (and their row indices) into model batches of `size` rows."""
+
+    def __init__(self, size: int, encode) -> None:
+        self.size, self.encode = size, encode
+        self.images: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, images: torch.Tensor, rows: torch.Tensor) -> None:
+        self.images.append(images), self.rows.append(rows)
+        self.count += len(rows)
+        if self.count >= self.size:
+            self.flush()
+
+    def flush(self, last: bool = False) -> None:
+        """Encode the whole model batches gathered so far (and the remainder too, at the slide's end)."""
+        if not self.images:
+            return
+        x, rows = torch.cat(self.images), torch.cat(self.rows)
+        cut = len(x) if last else len(x) - len(x) % self.size
+        for start in range(0, cut, self.size):
+            self.encode(x[start:start + self.size], rows[start:start + self.size])
+        self.images, self.rows = ([x[cut:]], [rows[cut:]]) if cut < len(x) else ([], [])
+        self.count = len(x) - cut
 
 
 # -- the run: sharding across torchrun ranks, manifests -------------------------------------------
@@ -312,6 +402,7 @@ def run(cfg: DictConfig, encoder: Encoder | None = None) -> list[Outcome]:
     if shard.world_size > 1:
         manifest_path.unlink(missing_ok=True)  # this run's rows only; older ones live in manifest.csv
     extractor = Extractor(encoder, Path(cfg.patches), out_dir, cfg, device)
+    extractor.plan([s for s in sources if cfg.overwrite or not extractor.output_of(slide_id_of(s)).is_file()])
     start = time.perf_counter()
     try:
         outcomes = run_per_slide(sources, extractor, extractor.output_of, Manifest(manifest_path),

@@ -54,8 +54,10 @@ class SlideSource:
 
 
 class PatchReader(Protocol):
-    def read(self, x: int, y: int, out_size: int) -> np.ndarray:
-        """The cell with level-0 top-left (x, y) as RGB uint8 (out_size, out_size, 3)."""
+    def read(self, x: int, y: int, min_size: int) -> np.ndarray:
+        """The cell with level-0 top-left (x, y) as a square RGB uint8 image of at least `min_size` pixels
+        where the reader can (its cheapest size; the same for every cell of a slide). The encoder resizes
+        batches to its input size on the device (`Encoder.preprocess`)."""
 
     def close(self) -> None: ...
 
@@ -69,14 +71,14 @@ def resize(image: np.ndarray, out_size: int, box: tuple[float, float, float, flo
 
 
 class OpenSlideReader:
-    """The reference: `Slide.read_patch` (read_size px at read_level, resized to patch_size), then to out_size."""
+    """The reference: `Slide.read_patch`, i.e. read_size px at read_level resized to patch_size px."""
 
     def __init__(self, source: SlideSource):
         self.slide = Slide(source.path, mpp_override=source.mpp_override)
         self.plan = source.plan
 
-    def read(self, x: int, y: int, out_size: int) -> np.ndarray:
-        return resize(self.slide.read_patch(x, y, self.plan), out_size)
+    def read(self, x: int, y: int, min_size: int) -> np.ndarray:
+        return self.slide.read_patch(x, y, self.plan)
 
     def close(self) -> None:
         self.slide.close()
@@ -137,14 +139,18 @@ class JpegTileReader:
                 and self.level.tile_width % d == 0 and self.level.tile_height % d == 0]
         return fits[0] if fits else 1
 
-    def read(self, x: int, y: int, out_size: int) -> np.ndarray:
-        d = self.scale_for(out_size)
+    def read(self, x: int, y: int, min_size: int) -> np.ndarray:
+        """The cell decoded at 1/d scale: read_size / d pixels (256 for a 1024 px read and min_size 224)."""
+        d = self.scale_for(min_size)
         # level coordinates of the cell, rounded to whole level pixels (exact on integer downsamples)
         lx, ly = round(x / self.downsample), round(y / self.downsample)
         size = self.plan.read_size
         canvas, (cx, cy) = self.read_level_region(lx, ly, size, size, d)
+        if (lx - cx) % d == 0 and (ly - cy) % d == 0 and size % d == 0:  # on the tile lattice: a plain crop
+            top, left = (ly - cy) // d, (lx - cx) // d
+            return canvas[top:top + size // d, left:left + size // d]
         box = ((lx - cx) / d, (ly - cy) / d, (lx - cx + size) / d, (ly - cy + size) / d)
-        return resize(canvas, out_size, box)
+        return resize(canvas, round(size / d), box)
 
     def read_level_region(self, lx: int, ly: int, w: int, h: int, d: int) -> tuple[np.ndarray, tuple[int, int]]:
         """RGB canvas of the whole tiles covering [lx, lx+w) x [ly, ly+h) at 1/d scale, and its level origin."""
