@@ -224,7 +224,8 @@ def cli(slides: Path, patches: Path, out: Path, *extra: str, launcher: tuple[str
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
@@ -241,6 +242,7 @@ def test_killed_process_resumes_to_identical_files(cohort, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = sorted(p.name for p in (out / "random_proj_demo").glob("*.h5"))
+    assert proc.returncode == -signal.SIGKILL, f"the app ended by itself (exit {proc.returncode}) before the kill"
     assert done and len(done) < 3, f"the kill came too late to test resuming: {done}"
     subprocess.run(cli(slides, patches, out, "reader=openslide"), cwd=REPO, env=env(), check=True, capture_output=True)
     run(extract_cfg(slides, patches, tmp_path / "clean", "batch_size=2", "loader_batch_size=2", "reader=openslide"))
@@ -356,3 +358,10 @@ def test_gpu_bf16_extraction_matches_cpu_float32(cohort, tmp_path):
         cpu = read_features(tmp_path / "cpu" / "random_proj_demo" / f"case{k}.h5").features
         gpu = read_features(tmp_path / "gpu" / "random_proj_demo" / f"case{k}.h5").features
         assert np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu) < 1e-2  # bf16 operands: 1e-3 .. 1e-2
+
+
+def test_bare_cuda_means_this_ranks_gpu():
+    from wsi_pipeline.extract import pick_device
+    assert pick_device("cuda", Shard(3, 4, local_rank=1)) == torch.device("cuda", 1)
+    assert pick_device("cuda:0", Shard(3, 4, local_rank=1)) == torch.device("cuda", 0)
+    assert pick_device("cpu", Shard()) == torch.device("cpu")

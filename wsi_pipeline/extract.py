@@ -373,9 +373,11 @@ def merge_manifests(out_dir: Path, world_size: int) -> Path:
 
 
 def pick_device(name: str, shard: Shard) -> torch.device:
+    """`auto`: this rank's GPU if there is one, else the CPU; a bare `cuda` also means this rank's GPU."""
     if name == "auto":
-        return torch.device(f"cuda:{shard.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    return torch.device("cuda", shard.local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def build_encoder(cfg: DictConfig) -> Encoder:
