@@ -6,8 +6,9 @@
 Per slide (through `stage.run_per_slide`: resume, atomic writes, manifest, failure isolation), the
 cells of `patches/<slide_id>.h5` are read by DataLoader workers (each opens its own slide handles;
 `patch_reader` decodes JPEG tiles directly where it can) and encoded in batches on the GPU (bf16
-autocast, channels-last, optional torch.compile). The workers persist across slides: a slide's
-cells reach them as keys that carry the slide, so no worker pool is started per slide.
+autocast, channels-last, optional torch.compile). One DataLoader streams the cells of all the
+slides to do, in order (`SlideStream`), so the workers read the next slide while the GPU finishes
+the current one; each slide's features are still written, and can fail, on their own.
 """
 from __future__ import annotations
 
