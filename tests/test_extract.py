@@ -365,3 +365,13 @@ def test_bare_cuda_means_this_ranks_gpu():
     assert pick_device("cuda", Shard(3, 4, local_rank=1)) == torch.device("cuda", 1)
     assert pick_device("cuda:0", Shard(3, 4, local_rank=1)) == torch.device("cuda", 0)
     assert pick_device("cpu", Shard()) == torch.device("cpu")
+
+
+def test_unreadable_patches_file_is_blamed_on_its_own_slide(cohort, tmp_path):
+    """A slide prepared ahead (while the previous one is encoded) fails on its own turn, with its own name."""
+    slides, patches = copy_cohort(cohort, tmp_path)
+    (patches / "case1.h5").unlink()
+    (patches / "case1.h5").write_bytes(b"not hdf5")
+    outcomes = {o.slide_id: o for o in run(extract_cfg(slides, patches, tmp_path / "out", "num_workers=2"))}
+    assert outcomes["case0"].status == outcomes["case2"].status == "ok"
+    assert outcomes["case1"].status == "failed" and "case1.h5" in outcomes["case1"].error

@@ -34,7 +34,7 @@ from .encoders import Encoder, WeightsError, create_encoder
 from .h5io import FeatureGrid, FormatError, Manifest, PatchGrid, read_patches, write_features
 from .patch_reader import READERS, PatchReader, SlideSource, choose_reader
 from .slide import ReadPlan, Slide, SlideError, list_slides, slide_id_of
-from .stage import EXPECTED_ERRORS, Outcome, run_per_slide
+from .stage import Outcome, run_per_slide
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class SlideStream:
         for slide in self.slides:
             try:
                 ready = self.prepared[slide] = self.prepare(Path(slide))
-            except EXPECTED_ERRORS as err:  # reported when the slide's turn comes
+            except Exception as err:  # noqa: BLE001 - raised when this slide's turn comes, not the current one's
                 self.prepared[slide] = err
                 continue
             keys = [CellKey(ready.source, i, int(x), int(y), self.min_size) for i, (x, y) in enumerate(ready.patches.coords)]
