@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import hydra
@@ -113,7 +113,8 @@ class SlideStream:
     slide's preparation gave (or the error it raised) is kept in `prepared` for the consumer.
     """
 
-    def __init__(self, slides: Sequence[Path], prepare, batch_size: int, min_size: int) -> None:
+    def __init__(self, slides: Sequence[Path], prepare: Callable[[Path], PreparedSlide], batch_size: int,
+                 min_size: int) -> None:
         self.slides = [str(s) for s in slides]
         self.position = {slide: i for i, slide in enumerate(self.slides)}
         self.prepare, self.batch_size, self.min_size = prepare, batch_size, min_size
@@ -312,7 +313,7 @@ class Extractor:
 class BatchGatherer:
     """Gathers small batches of images (and their row indices) into model batches of `size` rows."""
 
-    def __init__(self, size: int, encode) -> None:
+    def __init__(self, size: int, encode: Callable[[torch.Tensor, torch.Tensor], object]) -> None:
         self.size, self.encode = size, encode
         self.images: list[torch.Tensor] = []
         self.rows: list[torch.Tensor] = []
