@@ -140,6 +140,8 @@ def test_failed_write_leaves_no_partial_outputs(slide_20x, tmp_path):
 def test_missing_slides_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SlideError, match="nowhere: not a folder of slides"):
         preprocess(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(SlideError, match="missing slides: python -m wsi_pipeline.preprocess slides=DIR out=DIR"):
+        run(compose_config([f"out={tmp_path}"]))
 
 
 def test_hydra_app_from_the_command_line(slide_20x, tmp_path):

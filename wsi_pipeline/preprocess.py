@@ -21,7 +21,7 @@ from .h5io import Manifest, PatchGrid, write_patches
 from .patching import PatchParams, lattice_shape, patch_grid
 from .qc import draw_qc, write_thumbnail
 from .segment import SegmentParams, Segmentation, segment_slide, write_geojson
-from .slide import Slide, SlideError, list_slides
+from .slide import ReadPlan, Slide, SlideError, list_slides
 from .stage import Outcome, run_per_slide
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,18 @@ class OutputLayout:
 
 # -- one slide, in three steps (the benchmark times them separately) -------------------------------------
 
-def segment_step(slide: Slide, settings: PreprocessSettings) -> Segmentation:
+def read_plan(slide: Slide, settings: PreprocessSettings) -> ReadPlan:
+    return slide.read_plan(settings.patching.target_mpp, settings.patching.patch_size)
+
+
+def segment_step(slide: Slide, plan: ReadPlan, settings: PreprocessSettings) -> Segmentation:
     """Check the slide can be patched and read, then segment its tissue."""
-    plan = slide.read_plan(settings.patching.target_mpp, settings.patching.patch_size)
     if 0 in lattice_shape(slide.dimensions, plan.patch_size_level0):
         w, h = slide.dimensions
         raise SlideError(
             f"{slide.path}: the slide ({w}x{h} px at level 0) is smaller than one patch "
-            f"({plan.patch_size_level0} px at level 0 = {settings.patching.patch_size} px at "
-            f"{settings.patching.target_mpp} µm/px); nothing to patch. Lower patching.patch_size if this is intended"
+            f"({plan.patch_size_level0} px at level 0 = {plan.patch_size} px at {plan.target_mpp} µm/px); "
+            "nothing to patch. Lower patching.patch_size if this is intended"
         )
     # Patches will be read from plan.read_level: decode its last tile now (the end of a truncated file).
     last = [d - 1 for d in slide.level_dimensions[plan.read_level]]
@@ -94,14 +97,13 @@ def segment_step(slide: Slide, settings: PreprocessSettings) -> Segmentation:
     return seg
 
 
-def patch_step(slide: Slide, seg: Segmentation, settings: PreprocessSettings) -> PatchGrid:
-    plan = slide.read_plan(settings.patching.target_mpp, settings.patching.patch_size)
-    grid = patch_grid(slide.slide_id, seg.mask, seg.scale, slide.dimensions, slide.mpp, plan,
-                      settings.patching.tissue_threshold)
+def patch_step(slide: Slide, plan: ReadPlan, seg: Segmentation, settings: PreprocessSettings) -> PatchGrid:
+    threshold = settings.patching.tissue_threshold
+    grid = patch_grid(slide.slide_id, seg.mask, seg.scale, slide.dimensions, slide.mpp, plan, threshold)
     if len(grid) == 0:
         raise SlideError(
-            f"{slide.path}: {seg.tissue_mm2:.3g} mm² of tissue but no lattice cell is at least "
-            f"{settings.patching.tissue_threshold:.0%} tissue; lower patching.tissue_threshold"
+            f"{slide.path}: {seg.tissue_mm2:.3g} mm² of tissue but no lattice cell is at least {threshold:.0%} "
+            "tissue; lower patching.tissue_threshold"
         )
     return grid
 
@@ -123,8 +125,9 @@ def write_step(layout: OutputLayout, seg: Segmentation, patches: PatchGrid, sett
 def process_slide(source: Path, out: Path, settings: PreprocessSettings) -> int:
     """Segment and patch one slide into `out`; returns the number of patches. Bad slides raise SlideError."""
     with Slide(source, mpp_override=settings.mpp_override) as slide:
-        seg = segment_step(slide, settings)
-        patches = patch_step(slide, seg, settings)
+        plan = read_plan(slide, settings)
+        seg = segment_step(slide, plan, settings)
+        patches = patch_step(slide, plan, seg, settings)
     write_step(OutputLayout(Path(out)), seg, patches, settings)
     return len(patches)
 
@@ -133,6 +136,9 @@ def process_slide(source: Path, out: Path, settings: PreprocessSettings) -> int:
 
 def run(cfg: DictConfig) -> list[Outcome]:
     """Preprocess every slide of `cfg.slides` into `cfg.out` (the Hydra app and the demo both come here)."""
+    missing = [key for key in ("slides", "out") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        raise SlideError(f"missing {' and '.join(missing)}: python -m wsi_pipeline.preprocess slides=DIR out=DIR")
     settings = PreprocessSettings.from_config(cfg)
     layout = OutputLayout(Path(cfg.out))
     sources = list_slides(cfg.slides)
@@ -159,7 +165,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except SlideError as err:  # a bad `slides=` folder or duplicate slide ids: one line, not a traceback
+    except SlideError as err:  # no or a bad `slides=` folder, duplicate slide ids: one line, not a traceback
         log.error("%s", err)
         sys.exit(1)
 

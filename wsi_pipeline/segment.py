@@ -28,8 +28,9 @@ from .slide import Slide
 
 log = logging.getLogger(__name__)
 
-# Pixels per band when reading the segmentation level: keeps OpenSlide's RGBA buffers small.
-BAND_PIXELS = 1 << 20
+# Pixels per band when reading the segmentation level: OpenSlide's RGBA buffer and its RGB conversion
+# stay a few MB whatever the level's size.
+BAND_PIXELS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,11 @@ def read_level_at(slide: Slide, level: int, factor: int) -> np.ndarray:
     if out_w < 1 or out_h < 1:
         return np.zeros((0, 0, 3), np.uint8)
     ds = slide.level_downsamples[level]
-    rows = max(factor, (BAND_PIXELS // width) // factor * factor)
+    # Band height: a multiple of `factor` (for the reduction) and, where known, of the tile height, so that
+    # no tile is decoded twice.
+    tile_h = int(slide.properties.get(f"openslide.level[{level}].tile-height", 1) or 1)
+    unit = math.lcm(factor, tile_h) if tile_h * width <= BAND_PIXELS else factor
+    rows = max(unit, (BAND_PIXELS // width) // unit * unit)
     out = np.empty((out_h, out_w, 3), np.uint8)
     for y in range(0, out_h * factor, rows):
         n = min(rows, out_h * factor - y)
