@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +11,7 @@ import tifffile
 
 from wsi_pipeline.h5io import read_attrs, read_patches
 from wsi_pipeline.preprocess import OutputLayout, compose_config, run
+from wsi_pipeline.qc import cell_borders
 from wsi_pipeline.slide import SlideError
 from wsi_pipeline.synthetic import Ellipse
 
@@ -95,6 +97,9 @@ def test_good_slides_of_the_same_run_are_processed(pool_run):
     a40, a20 = (read_patches(layout.patches(s)) for s in ("good_40x", "good_20x"))
     # The same field of view at 40x and at 20x: the same lattice and (up to mask resolution) the same cells.
     assert a40.attrs["patch_size_level0"] == 1024 and a20.attrs["patch_size_level0"] == 512
+    # 20x patches: read 1024 px at level 0 of the 40x slide (its next level is 1 µm/px), 512 px on the 20x one
+    assert (a40.attrs["read_level"], a40.attrs["read_size"]) == (0, 1024)
+    assert (a20.attrs["read_level"], a20.attrs["read_size"]) == (0, 512)
     assert a40.attrs["grid_shape"] == a20.attrs["grid_shape"] == (6, 8)
     np.testing.assert_array_equal(a40.grid, a20.grid)
     np.testing.assert_array_equal(a20.coords, a20.grid[:, ::-1] * 512)
@@ -156,3 +161,30 @@ def test_hydra_app_from_the_command_line(slide_20x, tmp_path):
     assert (attrs["patch_size"], attrs["patch_size_level0"], attrs["tissue_threshold"]) == (256, 256, 0.5)
     assert attrs["grid_shape"] == (12, 16)
     assert list((out / "logs" / "preprocess").glob("*/.hydra/config.yaml"))  # Hydra's record of the run
+
+
+def test_qc_draws_the_borders_of_kept_cells_only():
+    kept = np.array([[False, True, False], [False, False, False]])
+    borders = cell_borders((20, 30), (10.0, 10.0), kept)
+    expected = np.zeros((20, 30), bool)
+    expected[0:10, 10:20] = True
+    expected[1:9, 11:19] = False  # the inside of the kept cell stays as it is
+    np.testing.assert_array_equal(borders, expected)
+
+
+def test_thumbnail_has_the_mask_size_and_patch_borders(pool_run):
+    out, _ = pool_run
+    thumb = cv2.imread(str(OutputLayout(out).thumbnail("good_40x")))[..., ::-1]
+    patches = read_patches(OutputLayout(out).patches("good_40x"))
+    assert thumb.shape == (192, 256, 3)  # the 8 µm/px mask of an 8192 x 6144 px slide at 0.25 µm/px
+    step = 256 // 8  # thumbnail pixels per lattice cell (8 columns)
+    kept = np.zeros((6, 8), bool)
+    kept[patches.grid[:, 0], patches.grid[:, 1]] = True
+    (row, col), (empty_row, empty_col) = np.argwhere(kept)[0], np.argwhere(~kept)[0]
+
+    def green(r, c, offset):  # mean green of a row of the cell (r, c), `offset` pixels below its top edge
+        return thumb[r * step + offset, c * step + 2: (c + 1) * step - 2, 1].mean()
+
+    # The border colour PATCH_RGB has no green; tissue (~140) and glass (~240) have plenty.
+    assert green(row, col, 0) < 80 and green(row, col, step // 2) > 100
+    assert green(empty_row, empty_col, 0) > 100

@@ -74,8 +74,8 @@ def read_plan(slide: Slide, settings: PreprocessSettings) -> ReadPlan:
     return slide.read_plan(settings.patching.target_mpp, settings.patching.patch_size)
 
 
-def segment_step(slide: Slide, plan: ReadPlan, settings: PreprocessSettings) -> Segmentation:
-    """Check the slide can be patched and read, then segment its tissue."""
+def check_patchable(slide: Slide, plan: ReadPlan) -> None:
+    """Fail early on a slide smaller than one patch, or whose pixels at `plan.read_level` cannot be decoded."""
     if 0 in lattice_shape(slide.dimensions, plan.patch_size_level0):
         w, h = slide.dimensions
         raise SlideError(
@@ -87,6 +87,11 @@ def segment_step(slide: Slide, plan: ReadPlan, settings: PreprocessSettings) -> 
     last = [d - 1 for d in slide.level_dimensions[plan.read_level]]
     ds = slide.level_downsamples[plan.read_level]
     slide.read_region((int(last[0] * ds), int(last[1] * ds)), plan.read_level, (1, 1))
+
+
+def segment_step(slide: Slide, plan: ReadPlan, settings: PreprocessSettings) -> Segmentation:
+    """Check the slide can be patched and read, then segment its tissue."""
+    check_patchable(slide, plan)
     seg = segment_slide(slide, settings.segment)
     if not seg.polygons:
         raise SlideError(

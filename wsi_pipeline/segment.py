@@ -2,7 +2,7 @@
 
 The mask is computed at about `seg_mpp` µm/px whatever the scanner: the level nearest that
 resolution is read in bands (so memory stays bounded even for a slide without a pyramid) and, when
-it is much finer than `seg_mpp`, block-averaged down to it. Every size (blur, closing, minimum
+it is 2x or more finer than `seg_mpp`, block-averaged by floor(seg_mpp / its µm/px). Every size (blur, closing, minimum
 areas) is given in µm or mm² and converted with the mask's µm/px, so the defaults mean the same
 thing at 20x and at 40x.
 
@@ -192,7 +192,8 @@ def segment_slide(slide: Slide, params: SegmentParams) -> Segmentation:
     rgb = read_level_at(slide, level, factor)
     if rgb.size == 0:
         return Segmentation(np.zeros((0, 0), np.uint8), level, params.seg_mpp, (1.0, 1.0), [], rgb, math.nan)
-    scale = (slide.dimensions[0] / rgb.shape[1], slide.dimensions[1] / rgb.shape[0])
+    (level_w, level_h), (width, height) = slide.level_dimensions[level], slide.dimensions
+    scale = (width / level_w * factor, height / level_h * factor)  # the reduction drops < factor edge pixels
     mask_mpp = slide.mpp * math.sqrt(scale[0] * scale[1])
     log.debug("%s: segmenting level %d (x1/%d) at %.3g µm/px, %dx%d px", slide.path, level, factor, mask_mpp,
               rgb.shape[1], rgb.shape[0])
