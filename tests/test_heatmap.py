@@ -81,6 +81,15 @@ def test_canvas_falls_back_from_slide_to_thumbnail_to_blank(tmp_path, caplog):
     assert "no slide file for s1" in caplog.text
     assert heatmap.load_canvas(grid, "s2", thumbnails=thumbs).source == "blank"
     assert "no thumbnail for s2" in caplog.text
+    (thumbs / "s3.jpg").write_bytes(b"not a jpeg")
+    assert heatmap.load_canvas(grid, "s3", thumbnails=thumbs).source == "blank"
+    assert "s3.jpg: unreadable thumbnail" in caplog.text
+
+
+def test_slide_without_a_small_level_is_not_read_whole(slide_40x, monkeypatch, caplog):
+    monkeypatch.setattr(heatmap, "MAX_LEVEL_PIXELS", 1000)
+    canvas = heatmap.load_canvas(lattice([(0, 0)]), "slide_40x", slides=slide_40x.parent)
+    assert canvas.source == "blank" and "too large to read as a thumbnail" in caplog.text
 
 
 def test_heatmap_figure_rejects_attention_of_the_wrong_length():

@@ -204,6 +204,26 @@ def test_predictions_missing_columns_name_the_file_and_columns(tmp_path):
         read_predictions(path, "classification")
 
 
+@pytest.mark.parametrize("column, value, message", [
+    ("risk", np.nan, r"column\(s\) \['risk'\] hold empty or non-numeric values"),
+    ("censorship", 2, r"censorship must be 1 \(censored\) or 0 \(event observed\), found \[0, 1, 2\]"),
+])
+def test_predictions_with_bad_values_name_the_file(tmp_path, column, value, message):
+    path = tmp_path / "predictions_test.csv"
+    data = survival_data(6, 1.0, seed=0).assign(case_id="c", slide_id="s")
+    data.loc[0, column] = value
+    data.to_csv(path, index=False)
+    with pytest.raises(ReportError, match=r"predictions_test.csv: " + message):
+        read_predictions(path, "survival")
+
+
+def test_class_labels_outside_the_prob_columns_are_refused(tmp_path):
+    path = tmp_path / "predictions_test.csv"
+    classification_data(6, 2, seed=0).assign(case_id="c", slide_id="s", label=[0, 1, 2, 0, 1, 0]).to_csv(path)
+    with pytest.raises(ReportError, match=r"label and pred must be class indices 0 … 1"):
+        read_predictions(path, "classification")
+
+
 # -- whole reports ------------------------------------------------------------------------------------
 def test_survival_report_lists_every_fold_with_its_numbers_and_plots(tmp_path):
     run = write_run(tmp_path, "survival", n_folds=3)

@@ -27,6 +27,7 @@ from wsi_pipeline.slide import SLIDE_EXTENSIONS, Slide, SlideError
 log = logging.getLogger(__name__)
 
 BLANK_RGB = (245, 245, 245)
+MAX_LEVEL_PIXELS = 80_000_000  # ~240 MB of RGB: the largest slide level read as a canvas
 
 
 @dataclass
@@ -97,6 +98,10 @@ def canvas_from_slide(path: str | Path, thumbnail_mpp: float = 16.0, max_size: i
     """The pyramid level nearest `thumbnail_mpp` µm/px, shrunk to `max_size`: exact geometry."""
     with Slide(path) as slide:
         level = slide.level_near_mpp(thumbnail_mpp)
+        w, h = slide.level_dimensions[level]
+        if w * h > MAX_LEVEL_PIXELS:  # a slide without a low-resolution level: do not read gigapixels
+            raise SlideError(f"{path}: its level nearest {thumbnail_mpp} µm/px is {w}x{h} px, too large to read "
+                             "as a thumbnail (no pyramid?)")
         image = slide.read_level_image(level)
         w0, h0 = slide.dimensions
     image, scale = _fit(image, (image.shape[1] / w0, image.shape[0] / h0), max_size)
@@ -144,11 +149,13 @@ def load_canvas(grid: PatchGrid, slide_id: str, slides: str | Path | None = None
     elif slides is not None:
         log.warning("%s: no slide file for %s; using the thumbnail or a blank canvas", slides, slide_id)
     thumb_dirs = [] if thumbnails is None else [Path(thumbnails), Path(thumbnails) / "thumbnails"]
-    for folder in thumb_dirs:
-        thumb = find_file(folder, slide_id, (".jpg", ".jpeg", ".png"))
-        if thumb is not None:
+    thumb = next((t for d in thumb_dirs if (t := find_file(d, slide_id, (".jpg", ".jpeg", ".png")))), None)
+    if thumb is not None:
+        try:
             return canvas_from_thumbnail(thumb, grid, max_size)
-    if thumbnails is not None:
+        except OSError as err:  # PIL: unreadable or truncated image
+            log.warning("%s: unreadable thumbnail (%s); drawing on a blank canvas", thumb, err)
+    elif thumbnails is not None:
         log.warning("%s: no thumbnail for %s; drawing on a blank canvas", thumbnails, slide_id)
     return blank_canvas(grid, min(max_size, 1024))
 

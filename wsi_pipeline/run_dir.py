@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from wsi_pipeline.stats import events_of
 
@@ -81,7 +81,24 @@ def read_predictions(path: str | Path, task_type: str) -> pd.DataFrame:
                           f"(found {list(frame.columns)}); was it written by wsi_pipeline.train?")
     if frame.empty:
         raise ReportError(f"{path}: no rows; the fold's test split was empty")
+    _check_values(frame, path, task_type)
     return frame
+
+
+def _check_values(frame: pd.DataFrame, path: Path, task_type: str) -> None:
+    """Numbers where numbers belong: no NaN risk or probability, censorship 0/1, labels within the classes."""
+    numeric = [c for c in REQUIRED_COLUMNS[task_type] if c not in ("case_id", "slide_id")] + prob_columns(frame)
+    bad = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c]) or frame[c].isna().any()]
+    if bad:
+        raise ReportError(f"{path}: column(s) {bad} hold empty or non-numeric values; a NaN risk or probability "
+                          "usually means the fold's training diverged: re-run that fold")
+    if task_type == "survival" and not frame["censorship"].isin([0, 1]).all():
+        raise ReportError(f"{path}: censorship must be 1 (censored) or 0 (event observed), found "
+                          f"{sorted(frame['censorship'].unique().tolist())}")
+    n_classes = len(prob_columns(frame))
+    if task_type == "classification" and not frame[["label", "pred"]].isin(range(n_classes)).all().all():
+        raise ReportError(f"{path}: label and pred must be class indices 0 … {n_classes - 1} "
+                          f"(one per prob_<c> column)")
 
 
 def _select(config: DictConfig | None, key: str, default=None):
@@ -109,7 +126,7 @@ def class_names(config: DictConfig | None, n_classes: int) -> list[str]:
             if str(pair[0]).isdigit() and int(pair[0]) < n_classes:
                 names[int(pair[0])] = str(pair[1])
     listed = _select(config, "task.class_names") or _select(config, "task.classes")
-    if listed is not None and len(listed) == n_classes:
+    if isinstance(listed, ListConfig) and len(listed) == n_classes:
         names = [str(n) for n in listed]
     return names
 
