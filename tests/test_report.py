@@ -11,14 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from scipy.stats import chi2
 from sklearn.metrics import roc_auc_score
 
 from wsi_pipeline import stats
 from wsi_pipeline.h5io import FeatureGrid, write_features
-from wsi_pipeline.report import CONFIG_DIR, make_reports, pick_slides
+from wsi_pipeline.report import make_reports, pick_slides, report_config
 from wsi_pipeline.run_dir import ReportError, load_run, read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,9 +92,7 @@ def write_run(root: Path, task_type: str, model: str = "mamba2d", n_folds: int =
 
 
 def report_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("report", overrides=["run=unused", "c_index.n_bootstrap=200", "heatmaps.top_k=1",
-                                            "heatmaps.bottom_k=1", "dpi=60", *overrides])
+    return report_config("c_index.n_bootstrap=200", "heatmaps.top_k=1", "heatmaps.bottom_k=1", "dpi=60", *overrides)
 
 
 def assert_png(path: Path) -> None:
@@ -291,3 +288,6 @@ def test_cli_compares_two_models_and_fails_clearly_on_a_bad_run(tmp_path):
     assert bad.returncode == 1
     assert f"{tmp_path / 'features'}: no fold_<k>/predictions_test.csv" in bad.stdout + bad.stderr
     assert "Traceback" not in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "wsi_pipeline.report"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert usage.returncode == 2 and "run= is required" in usage.stderr + usage.stdout

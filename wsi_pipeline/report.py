@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import hydra
+from hydra import compose, initialize_config_dir
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -328,8 +330,18 @@ def default_out(run_dirs: Sequence[str], out: str | None) -> str:
     return str(Path(os.path.commonpath([os.path.abspath(p) for p in run_dirs])) / "comparison")
 
 
-def make_reports(run_dirs: Sequence[str], cfg: DictConfig) -> list[Path]:
-    """Reports for every run (and a comparison when there are several); returns the written report paths."""
+def report_config(*overrides: str) -> DictConfig:
+    """configs/report.yaml composed with Hydra overrides (for calling `make_reports` from Python, e.g. the demo)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("report", overrides=["run=unused", *overrides])
+
+
+def make_reports(run_dirs: Sequence[str], cfg: DictConfig | None = None) -> list[Path]:
+    """Reports for every run (and a comparison when there are several); returns the written report paths.
+
+    `cfg` is the composed report config (default: `report_config()`); its `run` is ignored here.
+    """
+    cfg = report_config() if cfg is None else cfg
     runs = [load_run(d, cfg.features) for d in run_dirs]
     single_out = cfg.out if len(runs) == 1 else None
     reports = [run_report(r, Path(default_out([str(r.path)], single_out)), cfg) for r in runs]
@@ -338,12 +350,22 @@ def make_reports(run_dirs: Sequence[str], cfg: DictConfig) -> list[Path]:
     return reports
 
 
-# The Hydra job folder (log file, .hydra/) is the report folder itself, not ./outputs/<date>.
-OmegaConf.register_new_resolver("report_dir", lambda run, out: default_out(as_list(run), out), replace=True)
+def _hydra_dir(*, _root_: DictConfig) -> str:
+    """The Hydra job folder (log file, .hydra/) is the report folder itself, not ./outputs/<date>;
+    without run= it is a scratch folder, and `main` stops with a usage message."""
+    if OmegaConf.is_missing(_root_, "run"):
+        return str(Path(tempfile.gettempdir()) / "wsi_pipeline_report")
+    return default_out(as_list(_root_.run), _root_.out)
+
+
+OmegaConf.register_new_resolver("report_dir", _hydra_dir, replace=True)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "run"):
+        log.error("run= is required: python -m wsi_pipeline.report run=RUN_DIR (or run=[RUN_A,RUN_B] to compare)")
+        raise SystemExit(2)
     try:
         for path in make_reports(as_list(cfg.run), cfg):
             log.info("report: %s", path)
