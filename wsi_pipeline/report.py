@@ -121,20 +121,25 @@ def classification_section(ctx: Context) -> list[str]:
 
 
 # -- survival -----------------------------------------------------------------------------------------
+def risk_groups(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(time, event, high) of one fold's test predictions, high = risk above the fold's median."""
+    time, event, risk = event_arrays(frame)
+    return time, event, stats.high_risk_mask(risk)
+
+
 def survival_fold_row(fold: Fold, cfg: DictConfig) -> tuple[list[object], float]:
     """One fold's table row (n, events, C-index with CI, log-rank p) and its C-index."""
     time, event, risk = event_arrays(fold.test)
     ci = stats.bootstrap_c_index(time, event, risk, int(cfg.c_index.n_bootstrap), int(cfg.c_index.seed),
                                  float(cfg.c_index.level))
-    test = stats.logrank_high_vs_low(time, event, stats.high_risk_mask(risk))
+    test = stats.logrank_high_vs_low(*risk_groups(fold.test))
     return [fold.index, len(time), int(event.sum()), str(ci), fmt_p(test.p_value)], ci.estimate
 
 
-def pooled_high_risk(folds: Sequence[Fold]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All test folds together, each slide labelled high/low risk by its own fold's median risk
-    (every fold has its own model, so risks are only comparable within a fold)."""
-    parts = [(*event_arrays(f.test)[:2], stats.high_risk_mask(event_arrays(f.test)[2])) for f in folds]
-    return tuple(np.concatenate(p) for p in zip(*parts))
+def km_markdown(ctx: Context, groups: tuple[np.ndarray, ...], title: str, name: str) -> tuple[str, stats.LogRank]:
+    """A Kaplan–Meier figure of high vs low risk with its log-rank test; returns its Markdown and the test."""
+    test = stats.logrank_high_vs_low(*groups)
+    return ctx.figure(plots.km_figure(*groups, test, title), name, title), test
 
 
 def survival_section(ctx: Context) -> list[str]:
@@ -147,19 +152,14 @@ def survival_section(ctx: Context) -> list[str]:
              "high- vs low-risk halves of each fold, split at the fold's median risk.", ""]
     lines += md_table(["fold", "n", "events", f"C-index [{level}% CI]", "log-rank p"],
                       [*rows, ["**mean ± std**", "", "", mean_std(estimates), ""]])
-    time, event, high = pooled_high_risk(run.folds)
-    test = stats.logrank_high_vs_low(time, event, high)
+    # each fold has its own model, so risks are only comparable within a fold: pool the per-fold groups
+    pooled = tuple(np.concatenate(parts) for parts in zip(*(risk_groups(f.test) for f in run.folds)))
+    figure, test = km_markdown(ctx, pooled, f"{run.model_name}: all test folds", "km_pooled.png")
     lines += ["### Kaplan–Meier curves, all test folds pooled", "",
               f"Each slide is high or low risk by its own fold's median; log-rank p = {fmt_p(test.p_value)} "
-              f"({test.n_high} high, {test.n_low} low).", "",
-              ctx.figure(plots.km_figure(time, event, high, test, f"{run.model_name}: all test folds"),
-                         "km_pooled.png", "Kaplan-Meier pooled"), "", "### Kaplan–Meier curves per fold", ""]
-    for fold in run.folds:
-        f_time, f_event, f_risk = event_arrays(fold.test)
-        f_high = stats.high_risk_mask(f_risk)
-        fig = plots.km_figure(f_time, f_event, f_high, stats.logrank_high_vs_low(f_time, f_event, f_high),
-                              f"fold {fold.index} · {run.model_name}")
-        lines.append(ctx.figure(fig, f"km_fold{fold.index}.png", f"Kaplan-Meier fold {fold.index}"))
+              f"({test.n_high} high, {test.n_low} low).", "", figure, "", "### Kaplan–Meier curves per fold", ""]
+    lines += [km_markdown(ctx, risk_groups(f.test), f"fold {f.index} · {run.model_name}", f"km_fold{f.index}.png")[0]
+              for f in run.folds]
     return lines + [""]
 
 
