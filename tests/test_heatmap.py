@@ -77,7 +77,7 @@ def test_canvas_falls_back_from_slide_to_thumbnail_to_blank(tmp_path, caplog):
     thumbs.mkdir(parents=True)
     Image.new("RGB", (400, 300), (200, 120, 160)).save(thumbs / "s1.jpg")
     canvas = heatmap.load_canvas(grid, "s1", slides=tmp_path / "no_slides", thumbnails=tmp_path / "out")
-    assert canvas.source == "thumbnail" and canvas.scale == pytest.approx((400 / (8 * STEP), 300 / (6 * STEP)))
+    assert canvas.source == "thumbnail" and canvas.scale == pytest.approx((400 / (8.5 * STEP), 300 / (6.5 * STEP)))
     assert "no slide file for s1" in caplog.text
     assert heatmap.load_canvas(grid, "s2", thumbnails=thumbs).source == "blank"
     assert "no thumbnail for s2" in caplog.text

@@ -2,7 +2,7 @@
 
 The canvas under the heatmap is, in order of preference: a pyramid level of the slide itself (read
 with `Slide`, exact geometry), the preprocessing thumbnail `thumbnails/<slide_id>.jpg` (scaled to
-the lattice extent, so aligned to within one lattice cell), or a blank canvas the size of the
+the lattice extent, so aligned to within half a lattice cell), or a blank canvas the size of the
 lattice. Attention is percentile-normalised per slide (each cell's rank among the slide's cells, as
 in CLAM's heatmaps), so the colour map spans the slide whatever the softmax temperature.
 """
@@ -109,11 +109,14 @@ def canvas_from_slide(path: str | Path, thumbnail_mpp: float = 16.0, max_size: i
 
 
 def canvas_from_thumbnail(path: str | Path, grid: PatchGrid, max_size: int = 1600) -> Canvas:
-    """A preprocessing thumbnail, assumed to show the whole slide, whose extent is taken as the lattice's."""
+    """A preprocessing thumbnail of the whole slide. The lattice holds the whole cells only
+    (`grid_shape = dimensions // patch_size_level0`), so the slide is taken to be half a cell larger
+    than the lattice: cells then land within half a cell of their place."""
     image = np.asarray(Image.open(path).convert("RGB"))
     rows, cols = lattice_shape(grid)
     step = int(grid.attrs["patch_size_level0"])
-    image, scale = _fit(image, (image.shape[1] / (cols * step), image.shape[0] / (rows * step)), max_size)
+    extent = ((cols + 0.5) * step, (rows + 0.5) * step)
+    image, scale = _fit(image, (image.shape[1] / extent[0], image.shape[0] / extent[1]), max_size)
     return Canvas(image, scale, "thumbnail")
 
 
