@@ -107,3 +107,21 @@ def test_read_attention_warns_about_missing_slides_and_missing_file(tmp_path, ca
     assert "no attention for 1 slide(s): b" in caplog.text
     with pytest.raises(FormatError, match="missing.h5: no such file"):
         heatmap.read_attention(tmp_path / "missing.h5", ["a"])
+
+
+def test_heatmap_over_a_real_preprocessing_thumbnail(slide_40x, tmp_path):
+    """Preprocess a slide for real, then paint its first (top-left) patch hot and another early one cold."""
+    from wsi_pipeline.h5io import read_patches
+    from wsi_pipeline.preprocess import PreprocessSettings, compose_config, process_slide
+
+    settings = PreprocessSettings.from_config(compose_config(["slides=unused", f"out={tmp_path}"]))
+    process_slide(slide_40x, tmp_path, settings)
+    grid = read_patches(tmp_path / "patches" / "slide_40x.h5")
+    canvas = heatmap.load_canvas(grid, "slide_40x", thumbnails=tmp_path)
+    assert canvas.source == "thumbnail"
+    first, cold = 0, int(np.argmax(grid.grid.sum(1) == grid.grid[0].sum() + 1))  # a neighbour of the first cell
+    values = np.full(len(grid), 0.5)
+    values[first], values[cold] = 1.0, 0.0
+    painted = heatmap.paint(canvas, values, grid, alpha=0.7)
+    hot_px, cold_px = (painted[centre(canvas, *grid.grid[i])] for i in (first, cold))
+    assert heat(hot_px) > 80 and heat(cold_px) < -80
