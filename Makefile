@@ -44,6 +44,9 @@ train: setup
 report: setup
 	$(PY) -m wsi_pipeline.report run=$(RUN) $(ARGS)
 
+bench-preprocess: setup
+	$(PY) scripts/bench_preprocess.py $(ARGS)
+
 clean:
 	rm -rf build demo_out bench_out outputs multirun .pytest_cache
 

@@ -1,0 +1,190 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from wsi_pipeline.h5io import read_attrs, read_patches
+from wsi_pipeline.preprocess import OutputLayout, compose_config, run
+from wsi_pipeline.qc import cell_borders
+from wsi_pipeline.slide import SlideError
+from wsi_pipeline.synthetic import Ellipse
+
+REPO = Path(__file__).resolve().parents[1]
+
+# slide id -> a fragment of the one-line message its manifest row must carry
+BAD = {
+    "notes": "notes.svs: OpenSlide cannot open",
+    "truncated": "truncated.tif: OpenSlide cannot open",
+    "damaged": "damaged.tif: reading 1x1 px at level 0",
+    "no_mpp": "no_mpp.tif: no µm/px in the slide's metadata",
+    "blank": "blank.tif: no tissue found",
+    "tiny": "tiny.tif: the slide (512x512 px at level 0) is smaller than one patch",
+}
+
+
+def link(target: Path, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.symlink(target, path)
+    return path
+
+
+def zero_last_tiles(data: bytes, path: Path, count: int = 8) -> bytes:
+    """The slide with its last level-0 tiles zeroed: it opens, and its low-resolution levels read fine."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        start, end = page.dataoffsets[-count], page.dataoffsets[-1] + page.databytecounts[-1]
+    return data[:start] + bytes(end - start) + data[end:]
+
+
+@pytest.fixture(scope="module")
+def cohort(slide_factory, slide_40x, slide_20x, tmp_path_factory) -> Path:
+    """Two good slides and one of each bad input of the issue."""
+    folder = tmp_path_factory.mktemp("cohort")
+    link(slide_40x, folder / "good_40x.tif")
+    link(slide_20x, folder / "good_20x.svs")
+    (folder / "notes.svs").write_text("this is not a slide\n")
+    data = slide_40x.read_bytes()
+    (folder / "truncated.tif").write_bytes(data[: len(data) // 3])
+    (folder / "damaged.tif").write_bytes(zero_last_tiles(data, slide_40x))
+    slide_factory("no_mpp.tif", folder=folder, width=4096, height=4096, mpp=None, app_mag=None,
+                  tissue=[Ellipse(2048, 2048, 1500, 1200)])
+    slide_factory("blank.tif", folder=folder, width=2048, height=2048, tissue=())
+    slide_factory("tiny.tif", folder=folder, width=512, height=512, tissue=[Ellipse(256, 256, 200, 150)])
+    return folder
+
+
+def preprocess(slides: Path, out: Path, *overrides: str):
+    return run(compose_config([f"slides={slides}", f"out={out}", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def pool_run(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    outcomes = preprocess(cohort, out, "workers=2")
+    return out, outcomes
+
+
+def test_bad_inputs_fail_alone_with_one_clear_message(pool_run):
+    out, outcomes = pool_run
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False).set_index("slide_id")
+    assert sorted(manifest.index) == sorted([*BAD, "good_40x", "good_20x"])
+    for slide_id, message in BAD.items():
+        row = manifest.loc[slide_id]
+        assert row.status == "failed" and row.n_patches == 0
+        assert message in row.error and "\n" not in row.error and "Traceback" not in row.error
+    assert "slide.mpp=" in manifest.loc["no_mpp"].error  # says how to pass the override
+    layout = OutputLayout(out)
+    for slide_id in BAD:  # nothing half-written for a failed slide
+        assert not any(p.exists() for p in (layout.patches(slide_id), layout.tissue(slide_id), layout.thumbnail(slide_id)))
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_good_slides_of_the_same_run_are_processed(pool_run):
+    out, outcomes = pool_run
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False).set_index("slide_id")
+    layout = OutputLayout(out)
+    for slide_id in ("good_40x", "good_20x"):
+        patches = read_patches(layout.patches(slide_id))
+        assert manifest.loc[slide_id].status == "ok" and manifest.loc[slide_id].n_patches == len(patches) > 0
+        assert layout.tissue(slide_id).stat().st_size > 0 and layout.thumbnail(slide_id).stat().st_size > 0
+    a40, a20 = (read_patches(layout.patches(s)) for s in ("good_40x", "good_20x"))
+    # The same field of view at 40x and at 20x: the same lattice and (up to mask resolution) the same cells.
+    assert a40.attrs["patch_size_level0"] == 1024 and a20.attrs["patch_size_level0"] == 512
+    # 20x patches: read 1024 px at level 0 of the 40x slide (its next level is 1 µm/px), 512 px on the 20x one
+    assert (a40.attrs["read_level"], a40.attrs["read_size"]) == (0, 1024)
+    assert (a20.attrs["read_level"], a20.attrs["read_size"]) == (0, 512)
+    assert a40.attrs["grid_shape"] == a20.attrs["grid_shape"] == (6, 8)
+    np.testing.assert_array_equal(a40.grid, a20.grid)
+    np.testing.assert_array_equal(a20.coords, a20.grid[:, ::-1] * 512)
+
+
+def test_resume_skips_and_overwrite_redoes(slide_20x, tmp_path):
+    slides = tmp_path / "slides"
+    link(slide_20x, slides / "a.tif")
+    (slides / "bad.svs").write_text("not a slide")
+    out = tmp_path / "out"
+    first = {o.slide_id: o for o in preprocess(slides, out)}
+    h5 = OutputLayout(out).patches("a")
+    stamp = h5.stat().st_mtime_ns
+    second = {o.slide_id: o for o in preprocess(slides, out)}
+    assert second["a"].status == "skipped" and second["a"].n_patches == first["a"].n_patches > 0
+    assert second["bad"].status == "failed"  # failed slides are retried, not skipped
+    assert h5.stat().st_mtime_ns == stamp
+    third = {o.slide_id: o for o in preprocess(slides, out, "overwrite=true")}
+    assert third["a"].status == "ok" and h5.stat().st_mtime_ns != stamp
+    assert pd.read_csv(out / "manifest.csv").set_index("slide_id").loc["a", "status"] == "ok"
+
+
+def test_mpp_override_rescues_a_slide_without_mpp(cohort, tmp_path):
+    slides = tmp_path / "slides"
+    link(cohort / "no_mpp.tif", slides / "no_mpp.tif")
+    (outcome,) = preprocess(slides, tmp_path / "out", "slide.mpp=0.25")
+    assert outcome.status == "ok"
+    assert read_attrs(OutputLayout(tmp_path / "out").patches("no_mpp"))["level0_mpp"] == 0.25
+
+
+def test_failed_write_leaves_no_partial_outputs(slide_20x, tmp_path):
+    slides = tmp_path / "slides"
+    link(slide_20x, slides / "a.tif")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "patches").write_text("a file where the patches folder should be")
+    (outcome,) = preprocess(slides, out)
+    assert outcome.status == "failed" and "FileExistsError" in outcome.error
+    assert not (out / "tissue" / "a.geojson").exists() and not (out / "thumbnails" / "a.jpg").exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_missing_slides_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SlideError, match="nowhere: not a folder of slides"):
+        preprocess(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(SlideError, match="missing slides: python -m wsi_pipeline.preprocess slides=DIR out=DIR"):
+        run(compose_config([f"out={tmp_path}"]))
+
+
+def test_hydra_app_from_the_command_line(slide_20x, tmp_path):
+    slides = tmp_path / "slides"
+    link(slide_20x, slides / "a.tif")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_pipeline.preprocess", f"slides={slides}", f"out={out}",
+           "patching.patch_size=256", "patching.tissue_threshold=0.5"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    attrs = read_attrs(out / "patches" / "a.h5")
+    assert (attrs["patch_size"], attrs["patch_size_level0"], attrs["tissue_threshold"]) == (256, 256, 0.5)
+    assert attrs["grid_shape"] == (12, 16)
+    assert list((out / "logs" / "preprocess").glob("*/.hydra/config.yaml"))  # Hydra's record of the run
+
+
+def test_qc_draws_the_borders_of_kept_cells_only():
+    kept = np.array([[False, True, False], [False, False, False]])
+    borders = cell_borders((20, 30), (10.0, 10.0), kept)
+    expected = np.zeros((20, 30), bool)
+    expected[0:10, 10:20] = True
+    expected[1:9, 11:19] = False  # the inside of the kept cell stays as it is
+    np.testing.assert_array_equal(borders, expected)
+
+
+def test_thumbnail_has_the_mask_size_and_patch_borders(pool_run):
+    out, _ = pool_run
+    thumb = cv2.imread(str(OutputLayout(out).thumbnail("good_40x")))[..., ::-1]
+    patches = read_patches(OutputLayout(out).patches("good_40x"))
+    assert thumb.shape == (192, 256, 3)  # the 8 µm/px mask of an 8192 x 6144 px slide at 0.25 µm/px
+    step = 256 // 8  # thumbnail pixels per lattice cell (8 columns)
+    kept = np.zeros((6, 8), bool)
+    kept[patches.grid[:, 0], patches.grid[:, 1]] = True
+    (row, col), (empty_row, empty_col) = np.argwhere(kept)[0], np.argwhere(~kept)[0]
+
+    def green(r, c, offset):  # mean green of a row of the cell (r, c), `offset` pixels below its top edge
+        return thumb[r * step + offset, c * step + 2: (c + 1) * step - 2, 1].mean()
+
+    # The border colour PATCH_RGB has no green; tissue (~140) and glass (~240) have plenty.
+    assert green(row, col, 0) < 80 and green(row, col, step // 2) > 100
+    assert green(empty_row, empty_col, 0) > 100

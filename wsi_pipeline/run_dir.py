@@ -1,0 +1,219 @@
+"""Read a training run dir (DESIGN.md "Run outputs") for reporting: config, summary, per-fold predictions.
+
+Everything the report needs is checked here, once, with errors that name the file, what is missing
+and what to do; optional pieces (summary.csv, metrics.json, config.yaml) turn into warnings.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from wsi_pipeline.stats import events_of
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = {
+    "classification": ("case_id", "slide_id", "label", "pred"),
+    "survival": ("case_id", "slide_id", "survival_months", "censorship", "risk"),
+}
+PROB_PREFIX = "prob_"
+FOLD_DIR = re.compile(r"^fold_(\d+)$")
+
+
+class ReportError(RuntimeError):
+    """A run dir cannot be reported on; the message names the file and what to do."""
+
+
+@dataclass
+class Fold:
+    index: int
+    path: Path
+    test: pd.DataFrame
+    metrics: dict[str, float] = field(default_factory=dict)  # metrics.json, flattened to numbers
+
+    @property
+    def attention_path(self) -> Path:
+        return self.path / "attention_test.h5"
+
+
+@dataclass
+class Run:
+    path: Path
+    task_type: str  # classification | survival
+    task_name: str
+    model_name: str
+    class_names: list[str]
+    features: Path | None
+    folds: list[Fold]
+    summary: pd.DataFrame | None  # one row per fold (index = fold), numeric test metrics
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return f"{self.task_name} · {self.model_name}"
+
+
+def prob_columns(frame: pd.DataFrame) -> list[str]:
+    """`prob_0 … prob_{C-1}` in class order."""
+    cols = [c for c in frame.columns if re.fullmatch(rf"{PROB_PREFIX}\d+", str(c))]
+    return sorted(cols, key=lambda c: int(c[len(PROB_PREFIX):]))
+
+
+def read_predictions(path: str | Path, task_type: str) -> pd.DataFrame:
+    """A predictions CSV, checked for the DESIGN.md columns of its task type."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype={"case_id": str, "slide_id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ReportError(f"{path}: cannot read it as CSV ({err})") from err
+    missing = [c for c in REQUIRED_COLUMNS[task_type] if c not in frame.columns]
+    if task_type == "classification" and len(prob_columns(frame)) < 2:
+        missing.append("prob_0 … prob_{C-1}")
+    if missing:
+        raise ReportError(f"{path}: missing column(s) {missing} for a {task_type} run "
+                          f"(found {list(frame.columns)}); was it written by wsi_pipeline.train?")
+    if frame.empty:
+        raise ReportError(f"{path}: no rows; the fold's test split was empty")
+    _check_values(frame, path, task_type)
+    return frame
+
+
+def _check_values(frame: pd.DataFrame, path: Path, task_type: str) -> None:
+    """Numbers where numbers belong: no NaN risk or probability, censorship 0/1, labels within the classes."""
+    numeric = [c for c in REQUIRED_COLUMNS[task_type] if c not in ("case_id", "slide_id")] + prob_columns(frame)
+    bad = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c]) or frame[c].isna().any()]
+    if bad:
+        raise ReportError(f"{path}: column(s) {bad} hold empty or non-numeric values; a NaN risk or probability "
+                          "usually means the fold's training diverged: re-run that fold")
+    if task_type == "survival" and not frame["censorship"].isin([0, 1]).all():
+        raise ReportError(f"{path}: censorship must be 1 (censored) or 0 (event observed), found "
+                          f"{sorted(frame['censorship'].unique().tolist())}")
+    n_classes = len(prob_columns(frame))
+    if task_type == "classification" and not frame[["label", "pred"]].isin(range(n_classes)).all().all():
+        raise ReportError(f"{path}: label and pred must be class indices 0 … {n_classes - 1} "
+                          f"(one per prob_<c> column)")
+
+
+def _select(config: DictConfig | None, key: str, default=None):
+    if config is None:
+        return default
+    value = OmegaConf.select(config, key, default=default, throw_on_resolution_failure=False)
+    return default if value is None else value
+
+
+def load_config(run_dir: Path) -> DictConfig | None:
+    """`config.yaml` of the run (or Hydra's `.hydra/config.yaml`), None if there is neither."""
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return OmegaConf.load(path)
+    return None
+
+
+def class_names(config: DictConfig | None, n_classes: int) -> list[str]:
+    """Names from the task's label map ({name: index} or {index: name}) or class list, else `class <c>`."""
+    names = [f"class {c}" for c in range(n_classes)]
+    label_map = _select(config, "task.label_map") or _select(config, "task.labels")
+    if isinstance(label_map, DictConfig):
+        for key, value in label_map.items():
+            pair = (value, key) if str(value).lstrip("-").isdigit() else (key, value)
+            if str(pair[0]).isdigit() and int(pair[0]) < n_classes:
+                names[int(pair[0])] = str(pair[1])
+    listed = _select(config, "task.class_names") or _select(config, "task.classes")
+    if isinstance(listed, ListConfig) and len(listed) == n_classes:
+        names = [str(n) for n in listed]
+    return names
+
+
+def flatten_metrics(data: dict, prefix: str = "") -> dict[str, float]:
+    """Nested metrics.json → {"test.auc": 0.9, ...}, numbers only."""
+    flat: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def read_summary(path: Path) -> pd.DataFrame:
+    """summary.csv → its per-fold rows (index = fold number), numeric columns; mean/std rows dropped."""
+    frame = pd.read_csv(path)
+    fold_col = next((c for c in frame.columns if str(c).lower() == "fold"), frame.columns[0])
+    fold = pd.to_numeric(frame[fold_col], errors="coerce")
+    rows = frame[fold.notna()].drop(columns=[fold_col])
+    rows.index = fold[fold.notna()].astype(int).rename("fold")
+    return rows.apply(pd.to_numeric, errors="coerce").dropna(axis=1, how="all")
+
+
+def _fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    dirs = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := FOLD_DIR.match(p.name)) and p.is_dir()]
+    found = sorted((k, p) for k, p in dirs if (p / "predictions_test.csv").is_file())
+    if not found:
+        raise ReportError(f"{run_dir}: no fold_<k>/predictions_test.csv; point run= at a finished training "
+                          "run dir (python -m wsi_pipeline.train ... writes one per task × model)")
+    return found
+
+
+def _task_type(config: DictConfig | None, first_predictions: Path, warnings: list[str]) -> str:
+    task_type = _select(config, "task.type")
+    if task_type in REQUIRED_COLUMNS:
+        return str(task_type)
+    columns = pd.read_csv(first_predictions, nrows=0).columns
+    guessed = "survival" if "risk" in columns else "classification"
+    warnings.append(f"{first_predictions.parent.parent}: no task.type in config.yaml; "
+                    f"treating it as {guessed} from the predictions' columns")
+    return guessed
+
+
+def _load_fold(index: int, path: Path, task_type: str, warnings: list[str]) -> Fold:
+    test = read_predictions(path / "predictions_test.csv", task_type)
+    metrics: dict[str, float] = {}
+    metrics_path = path / "metrics.json"
+    if metrics_path.is_file():
+        try:
+            metrics = flatten_metrics(json.loads(metrics_path.read_text()))
+        except json.JSONDecodeError as err:
+            warnings.append(f"{metrics_path}: not valid JSON ({err}); left out")
+    else:
+        warnings.append(f"{metrics_path}: missing; the fold's metrics.json table leaves it out")
+    return Fold(index, path, test, metrics)
+
+
+def load_run(run_dir: str | Path, features: str | Path | None = None) -> Run:
+    """Everything the report reads from one run dir; `features` overrides the config's features folder."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ReportError(f"{path}: not a folder; run= must name a training run dir")
+    fold_dirs = _fold_dirs(path)
+    warnings: list[str] = []
+    config = load_config(path)
+    if config is None:
+        warnings.append(f"{path}: no config.yaml; task and model names come from the folder name")
+    task_type = _task_type(config, fold_dirs[0][1] / "predictions_test.csv", warnings)
+    folds = [_load_fold(k, p, task_type, warnings) for k, p in fold_dirs]
+    n_classes = len(prob_columns(folds[0].test)) if task_type == "classification" else 0
+    summary = None
+    if (path / "summary.csv").is_file():
+        summary = read_summary(path / "summary.csv")
+    else:
+        warnings.append(f"{path / 'summary.csv'}: missing; the metrics table comes from metrics.json only")
+    feature_dir = features if features is not None else _select(config, "features")
+    for message in warnings:
+        log.warning(message)
+    return Run(path=path, task_type=task_type, task_name=str(_select(config, "task.name", path.parent.name)),
+               model_name=str(_select(config, "model.name", path.name)), class_names=class_names(config, n_classes),
+               features=Path(feature_dir) if feature_dir else None, folds=folds, summary=summary,
+               warnings=warnings)
+
+
+def event_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(time, event, risk) from a survival predictions frame (event = censorship == 0)."""
+    return frame["survival_months"].to_numpy(float), events_of(frame["censorship"]), frame["risk"].to_numpy(float)
