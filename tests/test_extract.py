@@ -14,11 +14,10 @@ import openslide
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from wsi_pipeline.encoders import create_encoder
-from wsi_pipeline.extract import CONFIG_DIR, CellKey, Shard, make_loader, run
+from wsi_pipeline.extract import CellKey, Shard, compose_config, make_loader, run
 from wsi_pipeline.h5io import read_features, read_patches, write_patches
 from wsi_pipeline.patch_reader import READERS, JpegTileReader, choose_reader
 from wsi_pipeline.slide import Slide
@@ -60,8 +59,7 @@ def extract_cfg(slides: Path, patches: Path, out: Path, *overrides: str):
     settings = {"slides": slides, "patches": patches, "out": out, "encoder": "random_proj_demo", "device": "cpu",
                 "num_workers": 0, "batch_size": 4, "loader_batch_size": 4}
     settings.update(o.split("=", 1) for o in overrides)
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("extract", overrides=[f"{k}={v}" for k, v in settings.items()])
+    return compose_config([f"{k}={v}" for k, v in settings.items()])
 
 
 def h5_content(path: Path) -> dict:
@@ -375,3 +373,41 @@ def test_unreadable_patches_file_is_blamed_on_its_own_slide(cohort, tmp_path):
     outcomes = {o.slide_id: o for o in run(extract_cfg(slides, patches, tmp_path / "out", "num_workers=2"))}
     assert outcomes["case0"].status == outcomes["case2"].status == "ok"
     assert outcomes["case1"].status == "failed" and "case1.h5" in outcomes["case1"].error
+
+
+def test_extracts_what_the_real_preprocessing_wrote(cohort, tmp_path):
+    """patches/ from `wsi_pipeline.preprocess` (not the test helper) carry everything extraction needs."""
+    from wsi_pipeline import preprocess
+    slides, _ = cohort
+    preprocess.run(preprocess.compose_config([f"slides={slides}", f"out={tmp_path / 'pre'}"]))
+    outcomes = run(extract_cfg(slides, tmp_path / "pre" / "patches", tmp_path / "features"))
+    assert [o.status for o in outcomes] == ["ok"] * 3 and all(o.n_patches > 0 for o in outcomes)
+    for k in range(3):
+        patches = read_patches(tmp_path / "pre" / "patches" / f"case{k}.h5")
+        feats = read_features(tmp_path / "features" / "random_proj_demo" / f"case{k}.h5")
+        np.testing.assert_array_equal(feats.coords, patches.coords)
+        assert feats.features.shape == (len(patches), 128) and np.isfinite(feats.features).all()
+        assert {k: v for k, v in patches.attrs.items() if k != "format_version"}.items() <= feats.attrs.items()
+
+
+@pytest.mark.slow
+def test_workers_start_after_the_parent_used_opencv_threads(cohort, tmp_path):
+    """`make demo` runs preprocessing (parallel OpenCV) in the same process first: forked workers must not hang."""
+    slides, patches = cohort
+    script = (
+        "import cv2, numpy as np\n"
+        "cv2.setNumThreads(2); cv2.GaussianBlur(np.random.rand(3000, 3000).astype(np.float32), (0, 0), 5)\n"
+        "from wsi_pipeline.extract import compose_config, run\n"
+        f"outcomes = run(compose_config(['slides={slides}', 'patches={patches}', 'out={tmp_path}', 'device=cpu',"
+        " 'encoder=random_proj_demo', 'num_workers=2', 'loader_batch_size=4']))\n"
+        "assert [o.status for o in outcomes] == ['ok'] * 3, outcomes\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=90)  # about 8 s when it works
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the app and its hung workers
+        proc.communicate()
+        pytest.fail("extraction hung in its DataLoader workers after the parent had used OpenCV threads")
+    assert proc.returncode == 0, stderr[-2000:]

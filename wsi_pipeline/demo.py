@@ -42,6 +42,11 @@ class Demo:
         """patches/, tissue/, thumbnails/ and manifest.csv of the preprocessing stage."""
         return self.root
 
+    @property
+    def features(self) -> Path:
+        """features/<encoder>/<slide_id>.h5 of the extraction stage (encoder: random_proj_demo)."""
+        return self.root / "features"
+
 
 # Two made-up diagnoses that differ in staining (a stand-in for morphology a real encoder would see).
 DEMO_CLASSES = {"benign": (222, 140, 180), "tumour": (172, 104, 186)}
@@ -95,10 +100,19 @@ def preprocess(demo: Demo) -> None:
     run(compose_config([f"slides={demo.slides}", f"out={demo.preprocessed}"]))
 
 
+def extract(demo: Demo) -> None:
+    from .extract import compose_config, run  # the same config and code path as `python -m wsi_pipeline.extract`
+
+    # random_proj_demo: no download, and NOT a pathology model (see docs/extract.md)
+    run(compose_config([f"slides={demo.slides}", f"patches={demo.preprocessed / 'patches'}",
+                        f"out={demo.features}", "encoder=random_proj_demo"]))
+
+
 # The demo's steps, in order. A later stage appends its own step here.
 STEPS: list[tuple[str, Callable[[Demo], None]]] = [
     ("slides", make_slides),
     ("preprocess", preprocess),
+    ("extract", extract),
 ]
 
 

@@ -133,10 +133,10 @@ class SlideStream:
 
 
 def _init_worker(worker_id: int) -> None:
-    info = get_worker_info()
-    info.dataset.forget_readers()
-    cv2.setNumThreads(1)  # one decoding thread per worker: the workers are the parallelism
-    torch.set_num_threads(1)
+    # Workers are forked. Nothing here may touch a thread pool the parent may have started: OpenCV's
+    # (cv2.setNumThreads in a child whose parent ran parallel cv2 code deadlocks), OpenMP's. The
+    # readers only call single-threaded decoders (cv2.imdecode, PIL); DataLoader already limits torch.
+    get_worker_info().dataset.forget_readers()
 
 
 def make_loader(batches: Iterable[list[CellKey]], num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
@@ -420,6 +420,14 @@ def run(cfg: DictConfig, encoder: Encoder | None = None) -> list[Outcome]:
     log.info("rank %d: %d slides extracted, %d patches in %.1f s (%.0f patches/s)", shard.rank, len(done),
              sum(o.n_patches for o in done), seconds, sum(o.n_patches for o in done) / max(seconds, 1e-9))
     return outcomes
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """configs/extract.yaml with command-line style overrides, as the Hydra app would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="extract", overrides=overrides)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="extract", version_base="1.3")

@@ -186,7 +186,7 @@ class JpegTileReader:
                 f"{self.path}: JPEG tile {index} of level {self.plan.read_level} (byte {lv.offsets[index]}, "
                 f"{count} bytes) does not decode to {expected[1]}x{expected[0]} px; the file is probably corrupt"
             )
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return bgr[..., ::-1]  # numpy, not cv2.cvtColor: no OpenCV thread pool in forked workers
 
     def close(self) -> None:
         os.close(self._fd)
