@@ -32,9 +32,10 @@ from .slide import ReadPlan, Slide, SlideError
 log = logging.getLogger(__name__)
 
 WHITE = 255
-# cv2.imdecode flags decoding a JPEG at 1/d of its size (libjpeg's scale_denom).
-DCT_SCALE_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                   8: cv2.IMREAD_REDUCED_COLOR_8}
+# cv2.imdecode flags decoding a JPEG straight to RGB at 1/d of its size (libjpeg's scale_denom): the
+# IMREAD_REDUCED_GRAYSCALE_d values are the bare "reduce by d" bits, IMREAD_COLOR_RGB the colour output.
+DCT_SCALE_FLAGS = {d: cv2.IMREAD_COLOR_RGB | reduce for d, reduce in (
+    (1, 0), (2, cv2.IMREAD_REDUCED_GRAYSCALE_2), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4), (8, cv2.IMREAD_REDUCED_GRAYSCALE_8))}
 # The fast path is trusted on a slide only if its densest tile decodes like OpenSlide decodes it:
 # the same libjpeg-turbo on both sides gives (near-)identical pixels; a wrong colour space or
 # tile geometry gives differences of tens of grey levels.
@@ -179,14 +180,14 @@ class JpegTileReader:
         data = os.pread(self._fd, count, int(lv.offsets[index]))
         if lv.jpeg_tables is not None:  # abbreviated stream: the tables' SOI..tables, then the tile after its SOI
             data = lv.jpeg_tables[:-2] + data[2:]
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), DCT_SCALE_FLAGS[d])
+        rgb = cv2.imdecode(np.frombuffer(data, np.uint8), DCT_SCALE_FLAGS[d])
         expected = (lv.tile_height // d, lv.tile_width // d, 3)
-        if bgr is None or bgr.shape != expected:
+        if rgb is None or rgb.shape != expected:
             raise SlideError(
                 f"{self.path}: JPEG tile {index} of level {self.plan.read_level} (byte {lv.offsets[index]}, "
                 f"{count} bytes) does not decode to {expected[1]}x{expected[0]} px; the file is probably corrupt"
             )
-        return bgr[..., ::-1]  # numpy, not cv2.cvtColor: no OpenCV thread pool in forked workers
+        return rgb
 
     def close(self) -> None:
         os.close(self._fd)
