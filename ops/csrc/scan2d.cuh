@@ -1,0 +1,405 @@
+// The 2D selective scan (and the 1D scan as its one-row case): forward and backward kernels.
+//
+// Layout of the work. One thread block per (channel c = b*dim + d, group of up to 16 states); one warp per
+// state n. A warp walks the grid row by row; a row is cut into tiles of 32*K columns, lane l owning K
+// consecutive columns of the tile, so the horizontal scan of a row is a sequential scan over K values per lane
+// plus a 5-step shuffle scan across the warp (chained over tiles when the row is wider than one tile).
+// The vertical scan is elementwise per column: its carry lives in registers (one tile per row) or in a
+// per-(c, n) scratch row (wider rows). y = sum_n C h needs a sum over the warps of the block: each warp
+// stores its share in its own slice of shared memory (no atomics: float atomics on shared memory are
+// compare-and-swap loops, slow under contention), and every kFlush steps the block sums the slices and writes
+// the sums out (coalesced). dB and dC (sums over channels, i.e. over blocks) use 16-byte global atomics.
+// The forward keeps h only at strip boundaries (every `strip` rows, the checkpoints); the backward walks the
+// strips bottom-up, recomputes the strip's states from its checkpoint, then runs the adjoint recurrences.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "scan_params.h"
+
+namespace scan {
+
+constexpr int kFlush = 4;           // steps (row tiles) kept in shared memory between two flushes
+constexpr unsigned kFull = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+
+
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+
+__device__ __forceinline__ int padded(int col) { return col + (col >> 5); }  // no bank conflicts for K <= 8
+
+// Per-block view of one (channel, state) problem.
+template <typename T>
+struct Channel {
+  int c, b, d, n, W, H, ntiles;
+  bool active;
+  long L;
+  const T *u, *delta, *B, *C;
+  float a2, bias;  // A * log2(e) (dA = exp2(delta * a2)), delta_bias[d]
+  long cn;         // (c, n) index into per-state scratch
+
+  __device__ Channel(const Params& p, int tile) {
+    c = blockIdx.x;
+    b = c / p.dim;
+    d = c - b * p.dim;
+    n = blockIdx.y * kWarpsPerBlock + (threadIdx.x >> 5);
+    active = n < p.dstate;
+    if (!active) n = 0;
+    W = p.width;
+    H = p.height;
+    L = (long)H * W;
+    ntiles = (W + tile - 1) / tile;
+    const int g = d / (p.dim / p.groups);
+    u = (const T*)p.u + (long)c * L;
+    delta = (const T*)p.delta + (long)c * L;
+    const long bc = ((long)(b * p.groups + g) * p.dstate + n) * L;
+    B = (const T*)p.B + bc;
+    C = (const T*)p.C + bc;
+    a2 = p.A[d * p.dstate + n] * kLog2e;
+    bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    cn = (long)c * p.dstate + n;
+  }
+
+  // delta after bias and softplus, dA = exp(delta A), dBu = delta B u for K columns starting at j0 of row i.
+  template <int K>
+  __device__ __forceinline__ void discretise(const Params& p, int i, int j0, float (&dt)[K], float (&uu)[K],
+                                             float (&bb)[K], float (&dA)[K]) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = j0 + k;
+      const bool ok = j < W && active;
+      const long l = (long)i * W + j;
+      float x = ok ? to_float(delta[l]) + bias : 0.f;
+      if (p.softplus) x = softplus(x);
+      dt[k] = ok ? x : 0.f;
+      uu[k] = ok ? to_float(u[l]) : 0.f;
+      bb[k] = ok ? to_float(B[l]) : 0.f;
+      dA[k] = ok ? exp2f(dt[k] * a2) : 1.f;  // identity past the row's end
+    }
+  }
+};
+
+// Inclusive warp scan of the affine maps x -> a x + b (left to right); returns the lane's incoming value given
+// the value `carry` entering the tile, and sets `carry` to the value leaving the tile.
+__device__ __forceinline__ float warp_scan_in(float a, float b, float& carry) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float pa = __shfl_up_sync(kFull, a, off), pb = __shfl_up_sync(kFull, b, off);
+    if (lane >= off) {
+      b = a * pb + b;
+      a = a * pa;
+    }
+  }
+  float ea = __shfl_up_sync(kFull, a, 1), eb = __shfl_up_sync(kFull, b, 1);
+  if (lane == 0) ea = 1.f, eb = 0.f;
+  const float in = ea * carry + eb;
+  carry = __shfl_sync(kFull, a, 31) * carry + __shfl_sync(kFull, b, 31);
+  return in;
+}
+
+// The mirror image (right to left): x_lane = b + a * x_{lane+1}; returns the lane's incoming value from the right.
+__device__ __forceinline__ float warp_scan_rev_in(float a, float b, float& carry) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float na = __shfl_down_sync(kFull, a, off), nb = __shfl_down_sync(kFull, b, off);
+    if (lane + off < 32) {
+      b = b + a * nb;
+      a = a * na;
+    }
+  }
+  float xa = __shfl_down_sync(kFull, a, 1), xb = __shfl_down_sync(kFull, b, 1);
+  if (lane == 31) xa = 1.f, xb = 0.f;
+  const float in = xb + xa * carry;
+  carry = __shfl_sync(kFull, b, 0) + __shfl_sync(kFull, a, 0) * carry;
+  return in;
+}
+
+// Per-warp partial sums in shared memory: part[slot][warp][padded column], for kFlush steps.
+template <int K>
+struct Partials {
+  static constexpr int kTile = 32 * K, kRow = kTile + kTile / 32;
+  float* base;
+  __device__ float& at(int slot, int warp, int col) const {
+    return base[(slot * kWarpsPerBlock + warp) * kRow + padded(col)];
+  }
+  __device__ float sum(int slot, int col, int nwarps) const {
+    float v = 0.f;
+    for (int w = 0; w < nwarps; ++w) v += at(slot, w, col);
+    return v;
+  }
+  __host__ __device__ static constexpr size_t bytes() { return sizeof(float) * kFlush * kWarpsPerBlock * kRow; }
+};
+
+__device__ __forceinline__ void store_out(float* out, long l, float v, bool atomic) {
+  if (atomic) atomicAdd(out + l, v);
+  else out[l] = v;
+}
+
+// Adds vals to out[l0 .. l0+K) (K consecutive columns, the first `valid` of them inside the row), with 16-byte
+// atomics where the row layout keeps them aligned (vec4), else one float at a time.
+template <int K>
+__device__ __forceinline__ void atomic_add_row(float* out, long l0, int valid, const float (&vals)[K], bool vec4) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (K >= 4) {
+    if (vec4) {
+#pragma unroll
+      for (int q = 0; q < K / 4; ++q)
+        if (4 * q < valid)
+          atomicAdd(reinterpret_cast<float4*>(out + l0 + 4 * q),
+                    make_float4(vals[4 * q], vals[4 * q + 1], vals[4 * q + 2], vals[4 * q + 3]));
+      return;
+    }
+  }
+#endif
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (k < valid) atomicAdd(out + l0 + k, vals[k]);
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
+  constexpr int TILE = 32 * K;
+  extern __shared__ float smem[];
+  const Partials<K> acc{smem};
+  const Channel<T> ch(p, TILE);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, W = ch.W, H = ch.H;
+  float* carry = p.carry + ch.cn * W;
+  float* ckpt = p.ckpt + ch.cn * p.n_strips * W;
+  float* y = p.y + (long)ch.c * ch.L;
+  float hv[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) hv[k] = 0.f;
+  float gc = 0.f;  // horizontal carry between the tiles of a row
+  const int steps = H * ch.ntiles;
+  for (int s = 0; s < steps; ++s) {
+    const int i = s / ch.ntiles, t = s - i * ch.ntiles, j0 = t * TILE + lane * K;
+    if (t == 0) gc = 0.f;
+    float dt[K], uu[K], bb[K], dA[K], cc[K];
+    ch.template discretise<K>(p, i, j0, dt, uu, bb, dA);
+    float a = 1.f, b = 0.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      dt[k] *= uu[k] * bb[k];  // now dBu
+      b = dA[k] * b + dt[k];
+      a *= dA[k];
+      cc[k] = (j0 + k < W && ch.active) ? to_float(ch.C[(long)i * W + j0 + k]) : 0.f;  // in flight during the scan
+    }
+    float g = warp_scan_in(a, b, gc);
+    if (ch.ntiles > 1) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) hv[k] = (i > 0 && j0 + k < W) ? carry[j0 + k] : 0.f;
+    }
+    const bool ckpt_row = (i + 1) % p.strip == 0 && i + 1 < H;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int j = j0 + k;
+      g = dA[k] * g + dt[k];
+      hv[k] = dA[k] * hv[k] + g;
+      acc.at(s % kFlush, warp, lane * K + k) = cc[k] * hv[k];
+      if (j < W && ch.active) {
+        if (ckpt_row) ckpt[(long)((i + 1) / p.strip - 1) * W + j] = hv[k];
+        if (ch.ntiles > 1 && i + 1 < H) carry[j] = hv[k];
+      }
+    }
+    if (s % kFlush == kFlush - 1 || s == steps - 1) {  // sum the warps' slices, write the rows out
+      __syncthreads();
+      const int first = s - s % kFlush;
+      for (int idx = threadIdx.x; idx < (s % kFlush + 1) * TILE; idx += blockDim.x) {
+        const int r = idx / TILE, col = idx - r * TILE, st = first + r, i2 = st / ch.ntiles;
+        const int j = (st - i2 * ch.ntiles) * TILE + col;
+        if (j < W) store_out(y, (long)i2 * W + j, acc.sum(r, col, nwarps), p.atomic_out);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Backward. Adjoints: lh = dL/dh (vertical recurrence, bottom-up), lg = dL/dg (horizontal, right to left):
+//   lh[i,j] = dy[i,j] C[i,j] + dA[i+1,j] lh[i+1,j];   lg[i,j] = lh[i,j] + dA[i,j+1] lg[i,j+1]
+//   d dA[i,j] = lg[i,j] g[i,j-1] + lh[i,j] h[i-1,j];  d dBu[i,j] = lg[i,j].
+template <typename T, int K>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params p) {
+  constexpr int TILE = 32 * K;
+  extern __shared__ float smem[];
+  const Partials<K> acc_du{smem}, acc_dd{smem + Partials<K>::bytes() / sizeof(float)};
+  const Channel<T> ch(p, TILE);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int W = ch.W, H = ch.H, nt = ch.ntiles;
+  const bool vec4 = W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
+  const float* ckpt = p.ckpt + ch.cn * p.n_strips * W;
+  float* hbuf = p.hbuf + ch.cn * (p.strip - 1) * W;
+  float* gbuf = p.gbuf + ch.cn * p.strip * nt;
+  float* lcarry = p.carry + ch.cn * W;
+  const float* dy = p.dy + (long)ch.c * ch.L;
+  const long bc = ((long)(ch.b * p.groups + ch.d / (p.dim / p.groups)) * p.dstate + ch.n) * ch.L;
+  float* dB = p.dB + bc;
+  float* dC = p.dC + bc;
+  const float A = ch.a2 / kLog2e;
+  float dA_sum = 0.f;
+  float lv[K];  // dA[i+1,j] lh[i+1,j]: the vertical adjoint entering row i
+#pragma unroll
+  for (int k = 0; k < K; ++k) lv[k] = 0.f;
+  int sb = 0;  // step counter of the adjoint sweep (for the flushes)
+  const int total = H * nt;
+  for (int strip = p.n_strips - 1; strip >= 0; --strip) {
+    const int r0 = strip * p.strip, r1 = min(H, r0 + p.strip) - 1;
+    // Phase A: recompute h over the strip from its checkpoint; keep h of rows r0..r1-1 and the tile carries of g.
+    for (int i = r0; i <= r1; ++i) {
+      if (i == r1 && nt == 1) break;
+      float gc = 0.f;
+      for (int t = 0; t < nt; ++t) {
+        const int j0 = t * TILE + lane * K;
+        if (lane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
+        float dt[K], uu[K], bb[K], dA[K];
+        ch.template discretise<K>(p, i, j0, dt, uu, bb, dA);
+        float a = 1.f, b = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          b = dA[k] * b + dt[k] * uu[k] * bb[k];
+          a *= dA[k];
+        }
+        float g = warp_scan_in(a, b, gc);
+        if (i == r1) continue;  // the last row needs only its tile carries
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int j = j0 + k;
+          g = dA[k] * g + dt[k] * uu[k] * bb[k];
+          if (j < W && ch.active) {
+            const float hp = i == r0 ? (strip > 0 ? ckpt[(long)(strip - 1) * W + j] : 0.f)
+                                     : hbuf[(long)(i - r0 - 1) * W + j];
+            hbuf[(long)(i - r0) * W + j] = dA[k] * hp + g;
+          }
+        }
+      }
+    }
+    __syncwarp();
+    // Phase B: the adjoint sweep over the strip, bottom-up, right to left.
+    for (int i = r1; i >= r0; --i) {
+      float lgc = 0.f, dA_right = 0.f;  // lg and dA at the first column of the tile to the right
+      for (int t = nt - 1; t >= 0; --t, ++sb) {
+        const int j0 = t * TILE + lane * K;
+        float dt[K], uu[K], bb[K], dA[K], lh[K], hp[K], dyk[K];
+        ch.template discretise<K>(p, i, j0, dt, uu, bb, dA);
+        if (nt > 1) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) lv[k] = (i + 1 < H && j0 + k < W) ? lcarry[j0 + k] : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int j = j0 + k;
+          const bool ok = j < W && ch.active;
+          const long l = (long)i * W + j;
+          dyk[k] = ok ? dy[l] : 0.f;
+          lh[k] = ok ? dyk[k] * to_float(ch.C[l]) + lv[k] : 0.f;
+          hp[k] = !ok ? 0.f : i == r0 ? (strip > 0 ? ckpt[(long)(strip - 1) * W + j] : 0.f)
+                                      : hbuf[(long)(i - r0 - 1) * W + j];
+        }
+        // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1].
+        const float dA_next_lane = __shfl_down_sync(kFull, dA[0], 1);
+        const float m_last = lane == 31 ? dA_right : dA_next_lane;
+        float ra = 1.f, rb = 0.f;
+#pragma unroll
+        for (int k = K - 1; k >= 0; --k) {
+          const float m = k == K - 1 ? m_last : dA[k + 1];
+          rb = lh[k] + m * rb;
+          ra *= m;
+        }
+        float lg_in = warp_scan_rev_in(ra, rb, lgc);
+        dA_right = __shfl_sync(kFull, dA[0], 0);
+        float lg[K];
+#pragma unroll
+        for (int k = K - 1; k >= 0; --k) {
+          const float m = k == K - 1 ? m_last : dA[k + 1];
+          lg_in = lh[k] + m * lg_in;
+          lg[k] = lg_in;
+        }
+        // g again (left to right) for g[i, j-1]; then all the gradients of this position.
+        float a = 1.f, b = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          b = dA[k] * b + dt[k] * uu[k] * bb[k];
+          a *= dA[k];
+        }
+        float gcarry = (nt > 1 && t > 0) ? gbuf[(i - r0) * nt + t] : 0.f;
+        float gp = warp_scan_in(a, b, gcarry);
+        const int slot = sb % kFlush;
+        float vB[K], vC[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int j = j0 + k;
+          const float g = dA[k] * gp + dt[k] * uu[k] * bb[k];
+          const float ddA = lg[k] * gp + lh[k] * hp[k];
+          const bool ok = j < W && ch.active;  // lg, lh, dt are zero past the row's end
+          gp = g;
+          acc_dd.at(slot, warp, lane * K + k) = ddA * dA[k] * A + lg[k] * bb[k] * uu[k];
+          acc_du.at(slot, warp, lane * K + k) = lg[k] * bb[k] * dt[k];
+          vB[k] = lg[k] * dt[k] * uu[k];
+          vC[k] = ok ? dyk[k] * (dA[k] * hp[k] + g) : 0.f;
+          dA_sum += ddA * dA[k] * dt[k];
+          lv[k] = dA[k] * lh[k];
+          if (nt > 1 && i > 0 && ok) lcarry[j] = lv[k];
+        }
+        if (ch.active) {
+          atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4);
+          atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4);
+        }
+        // Steps of the sweep run backwards through the grid: flush in reverse step order.
+        if (slot == kFlush - 1 || sb == total - 1) {
+          __syncthreads();
+          for (int idx = threadIdx.x; idx < (slot + 1) * TILE; idx += blockDim.x) {
+            const int r = idx / TILE, col = idx - r * TILE;
+            const int s = total - 1 - (sb - slot + r), ii = s / nt, j = (s - ii * nt) * TILE + col;
+            if (j < W) {
+              const long l = (long)ch.c * ch.L + (long)ii * W + j;
+              store_out(p.du, l, acc_du.sum(r, col, nwarps), p.atomic_out);
+              store_out(p.ddelta, l, acc_dd.sum(r, col, nwarps), p.atomic_out);
+            }
+          }
+          __syncthreads();
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) dA_sum += __shfl_xor_sync(kFull, dA_sum, off);
+  if (lane == 0 && ch.active) atomicAdd(p.dA + ch.d * p.dstate + ch.n, dA_sum);
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream) {
+  const dim3 grid(p.batch * p.dim, (p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const int threads = 32 * (p.dstate < kWarpsPerBlock ? p.dstate : kWarpsPerBlock);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  kernel<<<grid, threads, smem, stream>>>(p);
+}
+
+// Columns per lane: the smallest K in {1, 2, 4, 8} whose tile covers the row; wider rows use several tiles.
+inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8; }
+
+#define SCAN_DEFINE_LAUNCHERS(T, SUFFIX)                                                                   \
+  void scan2d_fwd_##SUFFIX(const Params& p, cudaStream_t stream) {                                       \
+    switch (cols_per_lane(p.width)) {                                                                    \
+      case 1: launch(scan2d_fwd_kernel<T, 1>, p, Partials<1>::bytes(), stream); break;                   \
+      case 2: launch(scan2d_fwd_kernel<T, 2>, p, Partials<2>::bytes(), stream); break;                   \
+      case 4: launch(scan2d_fwd_kernel<T, 4>, p, Partials<4>::bytes(), stream); break;                   \
+      default: launch(scan2d_fwd_kernel<T, 8>, p, Partials<8>::bytes(), stream); break;                  \
+    }                                                                                                    \
+  }                                                                                                      \
+  void scan2d_bwd_##SUFFIX(const Params& p, cudaStream_t stream) {                                       \
+    switch (cols_per_lane(p.width)) {                                                                    \
+      case 1: launch(scan2d_bwd_kernel<T, 1>, p, 2 * Partials<1>::bytes(), stream); break;               \
+      case 2: launch(scan2d_bwd_kernel<T, 2>, p, 2 * Partials<2>::bytes(), stream); break;               \
+      case 4: launch(scan2d_bwd_kernel<T, 4>, p, 2 * Partials<4>::bytes(), stream); break;               \
+      default: launch(scan2d_bwd_kernel<T, 8>, p, 2 * Partials<8>::bytes(), stream); break;              \
+    }                                                                                                    \
+  }
+
+}  // namespace scan
