@@ -7,8 +7,10 @@
 // The vertical scan is elementwise per column: its carry lives in registers (one tile per row) or in a
 // per-(c, n) scratch row (wider rows). y = sum_n C h needs a sum over the warps of the block: each warp
 // stores its share in its own slice of shared memory (no atomics: float atomics on shared memory are
-// compare-and-swap loops, slow under contention), and every kFlush steps the block sums the slices and writes
-// the sums out (coalesced). dB and dC (sums over channels, i.e. over blocks) use 16-byte global atomics.
+// compare-and-swap loops, slow under contention); every kWindow steps the block sums the slices and writes
+// the sums out (coalesced). The per-position inputs shared by the 16 warps (delta after bias and softplus,
+// delta*u, and dy in the backward) are computed once per block into shared memory for the same windows.
+// dB and dC (sums over channels, i.e. over blocks) use 16-byte global atomics.
 // The forward keeps h only at strip boundaries (every `strip` rows, the checkpoints); the backward walks the
 // strips bottom-up, recomputes the strip's states from its checkpoint, then runs the adjoint recurrences.
 #pragma once
@@ -20,11 +22,9 @@
 
 namespace scan {
 
-constexpr int kFlush = 4;           // steps (row tiles) kept in shared memory between two flushes
+constexpr int kWindow = 4;  // steps (row tiles) staged and summed in shared memory between two barriers
 constexpr unsigned kFull = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
-
-
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -34,7 +34,7 @@ __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1p
 
 __device__ __forceinline__ int padded(int col) { return col + (col >> 5); }  // no bank conflicts for K <= 8
 
-// Per-block view of one (channel, state) problem.
+// Per-warp view of one (channel, state) problem.
 template <typename T>
 struct Channel {
   int c, b, d, n, W, H, ntiles;
@@ -65,25 +65,67 @@ struct Channel {
     bias = p.delta_bias ? p.delta_bias[d] : 0.f;
     cn = (long)c * p.dstate + n;
   }
+};
 
-  // delta after bias and softplus, dA = exp(delta A), dBu = delta B u for K columns starting at j0 of row i.
-  template <int K>
-  __device__ __forceinline__ void discretise(const Params& p, int i, int j0, float (&dt)[K], float (&uu)[K],
-                                             float (&bb)[K], float (&dA)[K]) const {
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int j = j0 + k;
-      const bool ok = j < W && active;
-      const long l = (long)i * W + j;
-      float x = ok ? to_float(delta[l]) + bias : 0.f;
-      if (p.softplus) x = softplus(x);
-      dt[k] = ok ? x : 0.f;
-      uu[k] = ok ? to_float(u[l]) : 0.f;
-      bb[k] = ok ? to_float(B[l]) : 0.f;
-      dA[k] = ok ? exp2f(dt[k] * a2) : 1.f;  // identity past the row's end
-    }
+// Shared memory of a block: NSTAGE staged per-position arrays and NPART per-warp partial sums, each for
+// kWindow steps of 32*K columns (rows padded against bank conflicts).
+template <int K, int NSTAGE, int NPART>
+struct Smem {
+  static constexpr int kRow = 33 * K;
+  float* base;
+  __device__ float& stage(int a, int slot, int col) const { return base[(a * kWindow + slot) * kRow + padded(col)]; }
+  __device__ float& part(int a, int slot, int warp, int col) const {
+    return base[(NSTAGE * kWindow + (a * kWindow + slot) * kWarpsPerBlock + warp) * kRow + padded(col)];
+  }
+  __device__ float sum(int a, int slot, int col, int nwarps) const {
+    float v = 0.f;
+    for (int w = 0; w < nwarps; ++w) v += part(a, slot, w, col);
+    return v;
+  }
+  __host__ __device__ static constexpr size_t bytes() {
+    return sizeof(float) * kRow * kWindow * (NSTAGE + NPART * kWarpsPerBlock);
   }
 };
+
+// Stages delta (after bias and softplus), u and optionally dy for the kWindow steps of a window;
+// where(slot, i, t) gives the step's row and tile (i < 0: past the end). Called by the whole block.
+template <typename T, int K, class S, class Where>
+__device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& ch, const S& sm, Where where,
+                                             const float* dy) {
+  constexpr int TILE = 32 * K;
+  for (int idx = threadIdx.x; idx < kWindow * TILE; idx += blockDim.x) {
+    const int slot = idx / TILE, col = idx - slot * TILE;
+    int i, t;
+    where(slot, i, t);
+    const int j = t * TILE + col;
+    float dt = 0.f, uu = 0.f, g = 0.f;
+    if (i >= 0 && j < ch.W) {
+      const long l = (long)i * ch.W + j;
+      dt = to_float(ch.delta[l]) + ch.bias;
+      if (p.softplus) dt = softplus(dt);
+      uu = to_float(ch.u[l]);
+      if (dy) g = dy[(long)ch.c * ch.L + l];
+    }
+    sm.stage(0, slot, col) = dt;  // zero past the row's end: dA = 1 and dBu = 0 there (identity)
+    sm.stage(1, slot, col) = uu;
+    if (dy) sm.stage(2, slot, col) = g;
+  }
+}
+
+// Runs nsteps steps in windows of kWindow: drain(previous window) and stage(this window) by the whole block,
+// a barrier, step(s, slot) for each step of the window by every warp, a barrier.
+template <class Stage, class Step, class Drain>
+__device__ __forceinline__ void windows(int nsteps, Stage stage, Step step, Drain drain) {
+  for (int s0 = 0;; s0 += kWindow) {
+    if (s0 > 0) drain(s0 - kWindow, min(kWindow, nsteps - (s0 - kWindow)));
+    if (s0 < nsteps) stage(s0);
+    __syncthreads();
+    if (s0 >= nsteps) break;
+    const int count = min(kWindow, nsteps - s0);
+    for (int slot = 0; slot < count; ++slot) step(s0 + slot, slot);
+    __syncthreads();
+  }
+}
 
 // Inclusive warp scan of the affine maps x -> a x + b (left to right); returns the lane's incoming value given
 // the value `carry` entering the tile, and sets `carry` to the value leaving the tile.
@@ -122,22 +164,6 @@ __device__ __forceinline__ float warp_scan_rev_in(float a, float b, float& carry
   return in;
 }
 
-// Per-warp partial sums in shared memory: part[slot][warp][padded column], for kFlush steps.
-template <int K>
-struct Partials {
-  static constexpr int kTile = 32 * K, kRow = kTile + kTile / 32;
-  float* base;
-  __device__ float& at(int slot, int warp, int col) const {
-    return base[(slot * kWarpsPerBlock + warp) * kRow + padded(col)];
-  }
-  __device__ float sum(int slot, int col, int nwarps) const {
-    float v = 0.f;
-    for (int w = 0; w < nwarps; ++w) v += at(slot, w, col);
-    return v;
-  }
-  __host__ __device__ static constexpr size_t bytes() { return sizeof(float) * kFlush * kWarpsPerBlock * kRow; }
-};
-
 __device__ __forceinline__ void store_out(float* out, long l, float v, bool atomic) {
   if (atomic) atomicAdd(out + l, v);
   else out[l] = v;
@@ -168,9 +194,10 @@ template <typename T, int K>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
   constexpr int TILE = 32 * K;
   extern __shared__ float smem[];
-  const Partials<K> acc{smem};
+  const Smem<K, 2, 1> sm{smem};
   const Channel<T> ch(p, TILE);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, W = ch.W, H = ch.H;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int W = ch.W, H = ch.H, nt = ch.ntiles, steps = H * nt;
   float* carry = p.carry + ch.cn * W;
   float* ckpt = p.ckpt + ch.cn * p.n_strips * W;
   float* y = p.y + (long)ch.c * ch.L;
@@ -178,22 +205,37 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
 #pragma unroll
   for (int k = 0; k < K; ++k) hv[k] = 0.f;
   float gc = 0.f;  // horizontal carry between the tiles of a row
-  const int steps = H * ch.ntiles;
-  for (int s = 0; s < steps; ++s) {
-    const int i = s / ch.ntiles, t = s - i * ch.ntiles, j0 = t * TILE + lane * K;
+  auto stage = [&](int s0) {
+    stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+      const int s = s0 + slot;
+      i = s < steps ? s / nt : -1;
+      t = s - (s / nt) * nt;
+    }, nullptr);
+  };
+  auto drain = [&](int s0, int count) {
+    for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
+      const int slot = idx / TILE, col = idx - slot * TILE, s = s0 + slot, i = s / nt;
+      const int j = (s - i * nt) * TILE + col;
+      if (j < W) store_out(y, (long)i * W + j, sm.sum(0, slot, col, nwarps), p.atomic_out);
+    }
+  };
+  auto step = [&](int s, int slot) {
+    const int i = s / nt, t = s - i * nt, j0 = t * TILE + lane * K;
     if (t == 0) gc = 0.f;
-    float dt[K], uu[K], bb[K], dA[K], cc[K];
-    ch.template discretise<K>(p, i, j0, dt, uu, bb, dA);
-    float a = 1.f, b = 0.f;
+    float dA[K], bu[K], cc[K], a = 1.f, b = 0.f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      dt[k] *= uu[k] * bb[k];  // now dBu
-      b = dA[k] * b + dt[k];
+      const bool ok = j0 + k < W && ch.active;
+      const long l = (long)i * W + j0 + k;
+      const float dt = sm.stage(0, slot, lane * K + k);
+      dA[k] = exp2f(dt * ch.a2);
+      bu[k] = ok ? dt * sm.stage(1, slot, lane * K + k) * to_float(ch.B[l]) : 0.f;
+      cc[k] = ok ? to_float(ch.C[l]) : 0.f;
+      b = dA[k] * b + bu[k];
       a *= dA[k];
-      cc[k] = (j0 + k < W && ch.active) ? to_float(ch.C[(long)i * W + j0 + k]) : 0.f;  // in flight during the scan
     }
     float g = warp_scan_in(a, b, gc);
-    if (ch.ntiles > 1) {
+    if (nt > 1) {
 #pragma unroll
       for (int k = 0; k < K; ++k) hv[k] = (i > 0 && j0 + k < W) ? carry[j0 + k] : 0.f;
     }
@@ -201,25 +243,16 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int j = j0 + k;
-      g = dA[k] * g + dt[k];
+      g = dA[k] * g + bu[k];
       hv[k] = dA[k] * hv[k] + g;
-      acc.at(s % kFlush, warp, lane * K + k) = cc[k] * hv[k];
+      sm.part(0, slot, warp, lane * K + k) = cc[k] * hv[k];
       if (j < W && ch.active) {
         if (ckpt_row) ckpt[(long)((i + 1) / p.strip - 1) * W + j] = hv[k];
-        if (ch.ntiles > 1 && i + 1 < H) carry[j] = hv[k];
+        if (nt > 1 && i + 1 < H) carry[j] = hv[k];
       }
     }
-    if (s % kFlush == kFlush - 1 || s == steps - 1) {  // sum the warps' slices, write the rows out
-      __syncthreads();
-      const int first = s - s % kFlush;
-      for (int idx = threadIdx.x; idx < (s % kFlush + 1) * TILE; idx += blockDim.x) {
-        const int r = idx / TILE, col = idx - r * TILE, st = first + r, i2 = st / ch.ntiles;
-        const int j = (st - i2 * ch.ntiles) * TILE + col;
-        if (j < W) store_out(y, (long)i2 * W + j, acc.sum(r, col, nwarps), p.atomic_out);
-      }
-      __syncthreads();
-    }
-  }
+  };
+  windows(steps, stage, step, drain);
 }
 
 // Backward. Adjoints: lh = dL/dh (vertical recurrence, bottom-up), lg = dL/dg (horizontal, right to left):
@@ -229,7 +262,7 @@ template <typename T, int K>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params p) {
   constexpr int TILE = 32 * K;
   extern __shared__ float smem[];
-  const Partials<K> acc_du{smem}, acc_dd{smem + Partials<K>::bytes() / sizeof(float)};
+  const Smem<K, 3, 2> sm{smem};  // staged: dt, dt*u, dy; partials: du, ddelta
   const Channel<T> ch(p, TILE);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = ch.ntiles;
@@ -238,56 +271,84 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
   float* hbuf = p.hbuf + ch.cn * (p.strip - 1) * W;
   float* gbuf = p.gbuf + ch.cn * p.strip * nt;
   float* lcarry = p.carry + ch.cn * W;
-  const float* dy = p.dy + (long)ch.c * ch.L;
-  const long bc = ((long)(ch.b * p.groups + ch.d / (p.dim / p.groups)) * p.dstate + ch.n) * ch.L;
-  float* dB = p.dB + bc;
-  float* dC = p.dC + bc;
+  float* dB = p.dB + (ch.B - (const T*)p.B);
+  float* dC = p.dC + (ch.C - (const T*)p.C);
   const float A = ch.a2 / kLog2e;
   float dA_sum = 0.f;
   float lv[K];  // dA[i+1,j] lh[i+1,j]: the vertical adjoint entering row i
 #pragma unroll
   for (int k = 0; k < K; ++k) lv[k] = 0.f;
-  int sb = 0;  // step counter of the adjoint sweep (for the flushes)
-  const int total = H * nt;
   for (int strip = p.n_strips - 1; strip >= 0; --strip) {
     const int r0 = strip * p.strip, r1 = min(H, r0 + p.strip) - 1;
-    // Phase A: recompute h over the strip from its checkpoint; keep h of rows r0..r1-1 and the tile carries of g.
-    for (int i = r0; i <= r1; ++i) {
-      if (i == r1 && nt == 1) break;
+    auto h_above = [&](int i, int j) {  // h[i-1, j] for r0 <= i <= r1
+      return i == r0 ? (strip > 0 ? ckpt[(long)(strip - 1) * W + j] : 0.f) : hbuf[(long)(i - r0 - 1) * W + j];
+    };
+    // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and every tile's incoming
+    // horizontal carry (into gbuf; the last row's carries too when a row has several tiles).
+    {
       float gc = 0.f;
-      for (int t = 0; t < nt; ++t) {
-        const int j0 = t * TILE + lane * K;
+      const int nsteps = (r1 - r0) * nt + (nt > 1 ? nt : 0);
+      auto where = [&](int s) { return make_int2(r0 + s / nt, s % nt); };
+      auto stage = [&](int s0) {
+        stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+          const int s = s0 + slot;
+          i = s < nsteps ? where(s).x : -1;
+          t = where(s).y;
+        }, nullptr);
+      };
+      auto step = [&](int s, int slot) {
+        const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K;
+        if (t == 0) gc = 0.f;
         if (lane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
-        float dt[K], uu[K], bb[K], dA[K];
-        ch.template discretise<K>(p, i, j0, dt, uu, bb, dA);
-        float a = 1.f, b = 0.f;
+        float dA[K], bu[K], a = 1.f, b = 0.f;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          b = dA[k] * b + dt[k] * uu[k] * bb[k];
+          const bool ok = j0 + k < W && ch.active;
+          const float dt = sm.stage(0, slot, lane * K + k);
+          dA[k] = exp2f(dt * ch.a2);
+          bu[k] = ok ? dt * sm.stage(1, slot, lane * K + k) * to_float(ch.B[(long)i * W + j0 + k]) : 0.f;
+          b = dA[k] * b + bu[k];
           a *= dA[k];
         }
         float g = warp_scan_in(a, b, gc);
-        if (i == r1) continue;  // the last row needs only its tile carries
+        if (i == r1) return;  // the last row needs only its tile carries
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const int j = j0 + k;
-          g = dA[k] * g + dt[k] * uu[k] * bb[k];
-          if (j < W && ch.active) {
-            const float hp = i == r0 ? (strip > 0 ? ckpt[(long)(strip - 1) * W + j] : 0.f)
-                                     : hbuf[(long)(i - r0 - 1) * W + j];
-            hbuf[(long)(i - r0) * W + j] = dA[k] * hp + g;
+          g = dA[k] * g + bu[k];
+          if (j < W && ch.active) hbuf[(long)(i - r0) * W + j] = dA[k] * h_above(i, j) + g;
+        }
+      };
+      windows(nsteps, stage, step, [](int, int) {});
+    }
+    // Phase B: the adjoint sweep over the strip, bottom-up, right to left.
+    {
+      float lgc = 0.f, dA_right = 0.f;  // lg and dA at the first column of the tile to the right
+      const int nsteps = (r1 - r0 + 1) * nt;
+      auto where = [&](int s) { return make_int2(r1 - s / nt, nt - 1 - s % nt); };
+      auto stage = [&](int s0) {
+        stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+          const int s = s0 + slot;
+          i = s < nsteps ? where(s).x : -1;
+          t = where(s).y;
+        }, p.dy);
+      };
+      auto drain = [&](int s0, int count) {
+        for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
+          const int slot = idx / TILE, col = idx - slot * TILE;
+          const auto it = where(s0 + slot);
+          const int j = it.y * TILE + col;
+          if (j < W) {
+            const long l = (long)ch.c * ch.L + (long)it.x * W + j;
+            store_out(p.du, l, sm.sum(0, slot, col, nwarps), p.atomic_out);
+            store_out(p.ddelta, l, sm.sum(1, slot, col, nwarps), p.atomic_out);
           }
         }
-      }
-    }
-    __syncwarp();
-    // Phase B: the adjoint sweep over the strip, bottom-up, right to left.
-    for (int i = r1; i >= r0; --i) {
-      float lgc = 0.f, dA_right = 0.f;  // lg and dA at the first column of the tile to the right
-      for (int t = nt - 1; t >= 0; --t, ++sb) {
-        const int j0 = t * TILE + lane * K;
+      };
+      auto step = [&](int s, int slot) {
+        const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K;
+        if (t == nt - 1) lgc = 0.f, dA_right = 0.f;
         float dt[K], uu[K], bb[K], dA[K], lh[K], hp[K], dyk[K];
-        ch.template discretise<K>(p, i, j0, dt, uu, bb, dA);
         if (nt > 1) {
 #pragma unroll
           for (int k = 0; k < K; ++k) lv[k] = (i + 1 < H && j0 + k < W) ? lcarry[j0 + k] : 0.f;
@@ -297,10 +358,13 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
           const int j = j0 + k;
           const bool ok = j < W && ch.active;
           const long l = (long)i * W + j;
-          dyk[k] = ok ? dy[l] : 0.f;
+          dt[k] = sm.stage(0, slot, lane * K + k);
+          uu[k] = sm.stage(1, slot, lane * K + k);
+          dyk[k] = ok ? sm.stage(2, slot, lane * K + k) : 0.f;
+          dA[k] = exp2f(dt[k] * ch.a2);
+          bb[k] = ok ? to_float(ch.B[l]) : 0.f;
           lh[k] = ok ? dyk[k] * to_float(ch.C[l]) + lv[k] : 0.f;
-          hp[k] = !ok ? 0.f : i == r0 ? (strip > 0 ? ckpt[(long)(strip - 1) * W + j] : 0.f)
-                                      : hbuf[(long)(i - r0 - 1) * W + j];
+          hp[k] = ok ? h_above(i, j) : 0.f;
         }
         // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1].
         const float dA_next_lane = __shfl_down_sync(kFull, dA[0], 1);
@@ -330,42 +394,26 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
         }
         float gcarry = (nt > 1 && t > 0) ? gbuf[(i - r0) * nt + t] : 0.f;
         float gp = warp_scan_in(a, b, gcarry);
-        const int slot = sb % kFlush;
         float vB[K], vC[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const int j = j0 + k;
           const float g = dA[k] * gp + dt[k] * uu[k] * bb[k];
-          const float ddA = lg[k] * gp + lh[k] * hp[k];
-          const bool ok = j < W && ch.active;  // lg, lh, dt are zero past the row's end
+          const float ddA = lg[k] * gp + lh[k] * hp[k];  // lg, lh, dy are zero past the row's end
           gp = g;
-          acc_dd.at(slot, warp, lane * K + k) = ddA * dA[k] * A + lg[k] * bb[k] * uu[k];
-          acc_du.at(slot, warp, lane * K + k) = lg[k] * bb[k] * dt[k];
+          sm.part(1, slot, warp, lane * K + k) = ddA * dA[k] * A + lg[k] * bb[k] * uu[k];
+          sm.part(0, slot, warp, lane * K + k) = lg[k] * bb[k] * dt[k];
           vB[k] = lg[k] * dt[k] * uu[k];
-          vC[k] = ok ? dyk[k] * (dA[k] * hp[k] + g) : 0.f;
+          vC[k] = dyk[k] * (dA[k] * hp[k] + g);
           dA_sum += ddA * dA[k] * dt[k];
           lv[k] = dA[k] * lh[k];
-          if (nt > 1 && i > 0 && ok) lcarry[j] = lv[k];
+          if (nt > 1 && i > 0 && j0 + k < W && ch.active) lcarry[j0 + k] = lv[k];
         }
         if (ch.active) {
           atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4);
           atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4);
         }
-        // Steps of the sweep run backwards through the grid: flush in reverse step order.
-        if (slot == kFlush - 1 || sb == total - 1) {
-          __syncthreads();
-          for (int idx = threadIdx.x; idx < (slot + 1) * TILE; idx += blockDim.x) {
-            const int r = idx / TILE, col = idx - r * TILE;
-            const int s = total - 1 - (sb - slot + r), ii = s / nt, j = (s - ii * nt) * TILE + col;
-            if (j < W) {
-              const long l = (long)ch.c * ch.L + (long)ii * W + j;
-              store_out(p.du, l, acc_du.sum(r, col, nwarps), p.atomic_out);
-              store_out(p.ddelta, l, acc_dd.sum(r, col, nwarps), p.atomic_out);
-            }
-          }
-          __syncthreads();
-        }
-      }
+      };
+      windows(nsteps, stage, step, drain);
     }
   }
 #pragma unroll
@@ -387,18 +435,18 @@ inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 :
 #define SCAN_DEFINE_LAUNCHERS(T, SUFFIX)                                                                   \
   void scan2d_fwd_##SUFFIX(const Params& p, cudaStream_t stream) {                                       \
     switch (cols_per_lane(p.width)) {                                                                    \
-      case 1: launch(scan2d_fwd_kernel<T, 1>, p, Partials<1>::bytes(), stream); break;                   \
-      case 2: launch(scan2d_fwd_kernel<T, 2>, p, Partials<2>::bytes(), stream); break;                   \
-      case 4: launch(scan2d_fwd_kernel<T, 4>, p, Partials<4>::bytes(), stream); break;                   \
-      default: launch(scan2d_fwd_kernel<T, 8>, p, Partials<8>::bytes(), stream); break;                  \
+      case 1: launch(scan2d_fwd_kernel<T, 1>, p, Smem<1, 2, 1>::bytes(), stream); break;                   \
+      case 2: launch(scan2d_fwd_kernel<T, 2>, p, Smem<2, 2, 1>::bytes(), stream); break;                   \
+      case 4: launch(scan2d_fwd_kernel<T, 4>, p, Smem<4, 2, 1>::bytes(), stream); break;                   \
+      default: launch(scan2d_fwd_kernel<T, 8>, p, Smem<8, 2, 1>::bytes(), stream); break;                  \
     }                                                                                                    \
   }                                                                                                      \
   void scan2d_bwd_##SUFFIX(const Params& p, cudaStream_t stream) {                                       \
     switch (cols_per_lane(p.width)) {                                                                    \
-      case 1: launch(scan2d_bwd_kernel<T, 1>, p, 2 * Partials<1>::bytes(), stream); break;               \
-      case 2: launch(scan2d_bwd_kernel<T, 2>, p, 2 * Partials<2>::bytes(), stream); break;               \
-      case 4: launch(scan2d_bwd_kernel<T, 4>, p, 2 * Partials<4>::bytes(), stream); break;               \
-      default: launch(scan2d_bwd_kernel<T, 8>, p, 2 * Partials<8>::bytes(), stream); break;              \
+      case 1: launch(scan2d_bwd_kernel<T, 1>, p, Smem<1, 3, 2>::bytes(), stream); break;               \
+      case 2: launch(scan2d_bwd_kernel<T, 2>, p, Smem<2, 3, 2>::bytes(), stream); break;               \
+      case 4: launch(scan2d_bwd_kernel<T, 4>, p, Smem<4, 3, 2>::bytes(), stream); break;               \
+      default: launch(scan2d_bwd_kernel<T, 8>, p, Smem<8, 3, 2>::bytes(), stream); break;              \
     }                                                                                                    \
   }
 
