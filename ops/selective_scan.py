@@ -51,9 +51,15 @@ def _use_kernel(u: torch.Tensor) -> bool:
     return extension() is not None
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the kernels read rows with 16-byte loads)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 def _grouped(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """B or C as a contiguous (batch, groups, n, L) tensor of the kernel's dtype."""
-    return (x.unsqueeze(1) if x.dim() == 3 else x).to(dtype).contiguous()
+    """B or C as a contiguous, aligned (batch, groups, n, L) tensor of the kernel's dtype."""
+    return _aligned((x.unsqueeze(1) if x.dim() == 3 else x).to(dtype))
 
 
 def _spec(x: torch.Tensor | None) -> tuple | None:
@@ -71,7 +77,7 @@ class _Scan2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, delta_bias, softplus: bool, height: int, width: int):
         dtype = u.dtype
-        ins = (u.contiguous(), delta.to(dtype).contiguous(), A.float().contiguous(), _grouped(B, dtype),
+        ins = (_aligned(u), _aligned(delta.to(dtype)), A.float().contiguous(), _grouped(B, dtype),
                _grouped(C, dtype), None if delta_bias is None else delta_bias.float().contiguous())
         y, ckpt = extension().scan2d_fwd(*ins, softplus, height, width, STRIP)
         ctx.save_for_backward(*ins[:5], ins[5], ckpt)

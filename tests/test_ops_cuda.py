@@ -75,11 +75,22 @@ def test_scan2d_matches_reference(height, width, dtype, options):
 
 
 @pytest.mark.parametrize("n,groups,height,width", [(20, None, 9, 11), (64, None, 6, 7), (16, 2, 8, 9),
-                                                   (16, None, 5, 300), (3, None, 17, 70)])
+                                                   (16, None, 5, 300), (3, None, 17, 70), (16, None, 19, 96)])
 def test_scan2d_states_groups_and_wide_rows(n, groups, height, width):
     x = make(2, 4, n, height * width, torch.float32, groups=groups, options=True, seed=n)
     compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width),
             TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scan2d_unaligned_views(dtype):
+    """Contiguous views at an odd storage offset (not 16-byte aligned) give the same result."""
+    x = make(2, 4, 8, 17 * 16, dtype, options=True, seed=5)
+    for k in ("u", "delta", "z", "B", "C"):
+        t = x[k]
+        x[k] = torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+        assert x[k].is_contiguous() and x[k].data_ptr() % 16 != 0
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=17, width=16), TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

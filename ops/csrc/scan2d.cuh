@@ -32,7 +32,9 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 
-__device__ __forceinline__ int padded(int col) { return col + (col >> 5); }  // no bank conflicts for K <= 8
+// 4 floats of padding per 32 columns: a lane's K <= 8 values stay contiguous and 16-byte aligned, and neither
+// 16-byte accesses by lanes (K values each) nor 4-byte accesses by consecutive threads conflict on banks.
+__device__ __forceinline__ int padded(int col) { return col + ((col >> 5) << 2); }
 
 // Per-warp view of one (channel, state) problem.
 template <typename T>
@@ -71,8 +73,9 @@ struct Channel {
 // kWindow steps of 32*K columns (rows padded against bank conflicts).
 template <int K, int NSTAGE, int NPART>
 struct Smem {
-  static constexpr int kRow = 33 * K;
+  static constexpr int kRow = 36 * K;
   float* base;
+  __device__ float* stage_ptr(int a, int slot, int col) const { return &stage(a, slot, col); }
   __device__ float& stage(int a, int slot, int col) const { return base[(a * kWindow + slot) * kRow + padded(col)]; }
   __device__ float& part(int a, int slot, int warp, int col) const {
     return base[(NSTAGE * kWindow + (a * kWindow + slot) * kWarpsPerBlock + warp) * kRow + padded(col)];
@@ -190,6 +193,83 @@ __device__ __forceinline__ void atomic_add_row(float* out, long l0, int valid, c
     if (k < valid) atomicAdd(out + l0 + k, vals[k]);
 }
 
+// K consecutive floats of shared memory (16-byte aligned when K >= 4) into / from registers.
+template <int K>
+__device__ __forceinline__ void lds(const float* src, float (&v)[K]) {
+  if constexpr (K >= 4) {
+#pragma unroll
+    for (int q = 0; q < K / 4; ++q) {
+      const float4 x = reinterpret_cast<const float4*>(src)[q];
+      v[4 * q] = x.x, v[4 * q + 1] = x.y, v[4 * q + 2] = x.z, v[4 * q + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = src[k];
+  }
+}
+template <int K>
+__device__ __forceinline__ void sts(float* dst, const float (&v)[K]) {
+  if constexpr (K >= 4) {
+#pragma unroll
+    for (int q = 0; q < K / 4; ++q)
+      reinterpret_cast<float4*>(dst)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) dst[k] = v[k];
+  }
+}
+
+// K consecutive values of global memory as floats, zero past `valid`; one wide load when `vec` (the caller
+// checked the alignment) and the K values are all inside the row. kReadOnly: through the non-coherent cache,
+// only for tensors no thread of the kernel writes.
+template <typename T, int K, bool kReadOnly = true>
+__device__ __forceinline__ void ldg(const T* src, int valid, bool vec, float (&v)[K]) {
+  constexpr int kBytes = K * sizeof(T);
+  if (vec && valid >= K) {
+    if constexpr (kBytes % 16 == 0) {
+      uint4 raw[kBytes / 16];
+#pragma unroll
+      for (int q = 0; q < kBytes / 16; ++q)
+        raw[q] = kReadOnly ? __ldg(reinterpret_cast<const uint4*>(src) + q) : reinterpret_cast<const uint4*>(src)[q];
+      const T* t = reinterpret_cast<const T*>(raw);
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
+      return;
+    } else if constexpr (kBytes == 8) {
+      const uint2 raw = kReadOnly ? __ldg(reinterpret_cast<const uint2*>(src)) : *reinterpret_cast<const uint2*>(src);
+      const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(src[k]) : 0.f;
+}
+
+// K floats to global memory, the first `valid` of them; 16-byte stores when `vec` and all K are inside the row.
+template <int K>
+__device__ __forceinline__ void stg(float* dst, int valid, bool vec, const float (&v)[K]) {
+  if constexpr (K >= 4) {
+    if (vec && valid >= K) {
+#pragma unroll
+      for (int q = 0; q < K / 4; ++q)
+        reinterpret_cast<float4*>(dst)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (k < valid) dst[k] = v[k];
+}
+
+// Whether K consecutive values of a row may be read with one wide load: rows of `width` values of T keep that
+// alignment (the tensors themselves are 16-byte aligned, checked by the binding).
+template <typename T, int K>
+__host__ __device__ constexpr int wide_bytes() { return K * sizeof(T) >= 16 ? 16 : K * sizeof(T); }
+template <typename T, int K>
+__device__ __forceinline__ bool wide_ok(int width) { return (width * (int)sizeof(T)) % wide_bytes<T, K>() == 0; }
+
 template <typename T, int K>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
   constexpr int TILE = 32 * K;
@@ -219,36 +299,44 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
       if (j < W) store_out(y, (long)i * W + j, sm.sum(0, slot, col, nwarps), p.atomic_out);
     }
   };
+  const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
   auto step = [&](int s, int slot) {
-    const int i = s / nt, t = s - i * nt, j0 = t * TILE + lane * K;
+    const int i = nt == 1 ? s : s / nt, t = s - i * nt, j0 = t * TILE + lane * K, l0 = i * W + j0;
+    const int valid = ch.active ? W - j0 : 0;
     if (t == 0) gc = 0.f;
-    float dA[K], bu[K], cc[K], a = 1.f, b = 0.f;
+    float dA[K], bu[K], cc[K], dt[K], uu[K], a = 1.f, b = 0.f;
+    lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
+    lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
+    ldg<T, K>(ch.B + l0, valid, vec, bu);
+    ldg<T, K>(ch.C + l0, valid, vec, cc);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const bool ok = j0 + k < W && ch.active;
-      const long l = (long)i * W + j0 + k;
-      const float dt = sm.stage(0, slot, lane * K + k);
-      dA[k] = exp2f(dt * ch.a2);
-      bu[k] = ok ? dt * sm.stage(1, slot, lane * K + k) * to_float(ch.B[l]) : 0.f;
-      cc[k] = ok ? to_float(ch.C[l]) : 0.f;
+      dA[k] = exp2f(dt[k] * ch.a2);
+      bu[k] *= dt[k] * uu[k];
       b = dA[k] * b + bu[k];
       a *= dA[k];
     }
     float g = warp_scan_in(a, b, gc);
     if (nt > 1) {
-#pragma unroll
-      for (int k = 0; k < K; ++k) hv[k] = (i > 0 && j0 + k < W) ? carry[j0 + k] : 0.f;
+      if (i > 0) ldg<float, K, false>(carry + j0, valid, vecf, hv);
+      else for (int k = 0; k < K; ++k) hv[k] = 0.f;
     }
-    const bool ckpt_row = (i + 1) % p.strip == 0 && i + 1 < H;
+    float yv[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int j = j0 + k;
       g = dA[k] * g + bu[k];
       hv[k] = dA[k] * hv[k] + g;
-      sm.part(0, slot, warp, lane * K + k) = cc[k] * hv[k];
-      if (j < W && ch.active) {
-        if (ckpt_row) ckpt[(long)((i + 1) / p.strip - 1) * W + j] = hv[k];
-        if (nt > 1 && i + 1 < H) carry[j] = hv[k];
+      yv[k] = cc[k] * hv[k];
+    }
+    sts<K>(&sm.part(0, slot, warp, lane * K), yv);
+    if (valid > 0 && (((i + 1) % kStrip == 0 && i + 1 < H) || (nt > 1 && i + 1 < H))) {
+      float* dst = (i + 1) % kStrip == 0 && i + 1 < H ? ckpt + ((i + 1) / kStrip - 1) * W : nullptr;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (k < valid) {
+          if (dst) dst[j0 + k] = hv[k];
+          if (nt > 1) carry[j0 + k] = hv[k];
+        }
       }
     }
   };
@@ -267,6 +355,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = ch.ntiles;
   const bool vec4 = W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
+  const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
   const float* ckpt = p.ckpt + ch.cn * p.n_strips * W;
   float* hbuf = p.hbuf + ch.cn * (p.strip - 1) * W;
   float* gbuf = p.gbuf + ch.cn * p.strip * nt;
@@ -280,8 +369,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
   for (int k = 0; k < K; ++k) lv[k] = 0.f;
   for (int strip = p.n_strips - 1; strip >= 0; --strip) {
     const int r0 = strip * p.strip, r1 = min(H, r0 + p.strip) - 1;
-    auto h_above = [&](int i, int j) {  // h[i-1, j] for r0 <= i <= r1
-      return i == r0 ? (strip > 0 ? ckpt[(long)(strip - 1) * W + j] : 0.f) : hbuf[(long)(i - r0 - 1) * W + j];
+    auto h_above = [&](int i, int j0, int valid, float (&hp)[K]) {  // h[i-1, j0..j0+K) for r0 <= i <= r1
+      if (i > r0) ldg<float, K, false>(hbuf + (i - r0 - 1) * W + j0, valid, vecf, hp);
+      else if (strip > 0) ldg<float, K>(ckpt + (strip - 1) * W + j0, valid, vecf, hp);
+      else for (int k = 0; k < K; ++k) hp[k] = 0.f;
     };
     // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and every tile's incoming
     // horizontal carry (into gbuf; the last row's carries too when a row has several tiles).
@@ -297,27 +388,30 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
         }, nullptr);
       };
       auto step = [&](int s, int slot) {
-        const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K;
+        const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K, valid = ch.active ? W - j0 : 0;
         if (t == 0) gc = 0.f;
         if (lane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
-        float dA[K], bu[K], a = 1.f, b = 0.f;
+        float dA[K], bu[K], dt[K], uu[K], a = 1.f, b = 0.f;
+        lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
+        lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
+        ldg<T, K>(ch.B + i * W + j0, valid, vec, bu);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const bool ok = j0 + k < W && ch.active;
-          const float dt = sm.stage(0, slot, lane * K + k);
-          dA[k] = exp2f(dt * ch.a2);
-          bu[k] = ok ? dt * sm.stage(1, slot, lane * K + k) * to_float(ch.B[(long)i * W + j0 + k]) : 0.f;
+          dA[k] = exp2f(dt[k] * ch.a2);
+          bu[k] *= dt[k] * uu[k];
           b = dA[k] * b + bu[k];
           a *= dA[k];
         }
         float g = warp_scan_in(a, b, gc);
         if (i == r1) return;  // the last row needs only its tile carries
+        float hp[K];
+        h_above(i, j0, valid, hp);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const int j = j0 + k;
           g = dA[k] * g + bu[k];
-          if (j < W && ch.active) hbuf[(long)(i - r0) * W + j] = dA[k] * h_above(i, j) + g;
+          hp[k] = dA[k] * hp[k] + g;
         }
+        stg<K>(hbuf + (i - r0) * W + j0, valid, vecf, hp);
       };
       windows(nsteps, stage, step, [](int, int) {});
     }
@@ -349,22 +443,23 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
         const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K;
         if (t == nt - 1) lgc = 0.f, dA_right = 0.f;
         float dt[K], uu[K], bb[K], dA[K], lh[K], hp[K], dyk[K];
+        const int valid = ch.active ? W - j0 : 0;
         if (nt > 1) {
-#pragma unroll
-          for (int k = 0; k < K; ++k) lv[k] = (i + 1 < H && j0 + k < W) ? lcarry[j0 + k] : 0.f;
+          if (i + 1 < H) ldg<float, K, false>(lcarry + j0, valid, vecf, lv);
+          else for (int k = 0; k < K; ++k) lv[k] = 0.f;
         }
+        lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
+        lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
+        lds<K>(sm.stage_ptr(2, slot, lane * K), dyk);
+        ldg<T, K>(ch.B + i * W + j0, valid, vec, bb);
+        ldg<T, K>(ch.C + i * W + j0, valid, vec, lh);
+        h_above(i, j0, valid, hp);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const int j = j0 + k;
-          const bool ok = j < W && ch.active;
-          const long l = (long)i * W + j;
-          dt[k] = sm.stage(0, slot, lane * K + k);
-          uu[k] = sm.stage(1, slot, lane * K + k);
-          dyk[k] = ok ? sm.stage(2, slot, lane * K + k) : 0.f;
+          const bool ok = k < valid;
           dA[k] = exp2f(dt[k] * ch.a2);
-          bb[k] = ok ? to_float(ch.B[l]) : 0.f;
-          lh[k] = ok ? dyk[k] * to_float(ch.C[l]) + lv[k] : 0.f;
-          hp[k] = ok ? h_above(i, j) : 0.f;
+          dyk[k] = ok ? dyk[k] : 0.f;
+          lh[k] = ok ? dyk[k] * lh[k] + lv[k] : 0.f;
         }
         // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1].
         const float dA_next_lane = __shfl_down_sync(kFull, dA[0], 1);
@@ -394,20 +489,22 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
         }
         float gcarry = (nt > 1 && t > 0) ? gbuf[(i - r0) * nt + t] : 0.f;
         float gp = warp_scan_in(a, b, gcarry);
-        float vB[K], vC[K];
+        float vB[K], vC[K], pdu[K], pdd[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const float g = dA[k] * gp + dt[k] * uu[k] * bb[k];
           const float ddA = lg[k] * gp + lh[k] * hp[k];  // lg, lh, dy are zero past the row's end
           gp = g;
-          sm.part(1, slot, warp, lane * K + k) = ddA * dA[k] * A + lg[k] * bb[k] * uu[k];
-          sm.part(0, slot, warp, lane * K + k) = lg[k] * bb[k] * dt[k];
+          pdd[k] = ddA * dA[k] * A + lg[k] * bb[k] * uu[k];
+          pdu[k] = lg[k] * bb[k] * dt[k];
           vB[k] = lg[k] * dt[k] * uu[k];
           vC[k] = dyk[k] * (dA[k] * hp[k] + g);
           dA_sum += ddA * dA[k] * dt[k];
           lv[k] = dA[k] * lh[k];
-          if (nt > 1 && i > 0 && j0 + k < W && ch.active) lcarry[j0 + k] = lv[k];
         }
+        sts<K>(&sm.part(0, slot, warp, lane * K), pdu);
+        sts<K>(&sm.part(1, slot, warp, lane * K), pdd);
+        if (nt > 1 && i > 0) stg<K>(lcarry + j0, valid, vecf, lv);
         if (ch.active) {
           atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4);
           atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4);

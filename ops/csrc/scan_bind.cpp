@@ -43,7 +43,8 @@ Shape shape_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::
   SCAN_CHECK(A.size(0) == s.dim && B.size(0) == s.batch && B.size(2) == s.dstate && B.size(3) == u.size(2),
         "A ", A.sizes(), " / B ", B.sizes(), " do not fit u ", u.sizes());
   SCAN_CHECK(s.dim % s.groups == 0, "dim ", s.dim, " is not a multiple of the ", s.groups, " groups of B/C");
-  s.strip = std::max<int64_t>(1, std::min<int64_t>(strip, height));
+  SCAN_CHECK(strip == scan::kStrip, "strip must be ", scan::kStrip, ", got ", strip);
+  s.strip = std::min<int64_t>(strip, height);
   s.n_strips = (s.height + s.strip - 1) / s.strip;
   const int tile = 32 * (width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8);
   s.n_tiles = (s.width + tile - 1) / tile;

@@ -5,6 +5,7 @@
 namespace scan {
 
 constexpr int kWarpsPerBlock = 16;  // states per block (one warp each); more states use more blocks
+constexpr int kStrip = 8;           // rows per checkpoint strip (the forward keeps h of every kStrip-th row)
 
 struct Params {
   int batch, dim, dstate, groups, height, width;
