@@ -26,6 +26,20 @@ __device__ __forceinline__ Cell load_cell(const Params& p, int c, long L, long l
   return {(long)(b * p.groups + g) * p.dstate * L, p.u[c * L + l], p.dh[c * L + l], p.dv[c * L + l]};
 }
 
+// Thread j's cell on anti-diagonal t (row t - j), and the halves of the double-buffered shared row that this
+// diagonal writes and the previous one wrote.
+struct Diagonal {
+  float* cur;
+  const float* prev;
+  int i;
+  bool inside;
+};
+
+__device__ __forceinline__ Diagonal diagonal(float* sh, int t, int j, int H, int W) {
+  const int i = t - j;
+  return {sh + (t & 1) * kStates * W, sh + ((t + 1) & 1) * kStates * W, i, j < W && i >= 0 && i < H};
+}
+
 __global__ void m2d_fwd_kernel(Params p) {
   extern __shared__ float sh[];  // [2][kStates][width]
   const int c = blockIdx.x, j = threadIdx.x, W = p.width, H = p.height, d = c % p.dim;
@@ -33,10 +47,8 @@ __global__ void m2d_fwd_kernel(Params p) {
   for (int n0 = 0; n0 < p.dstate; n0 += kStates) {
     float hc[kStates] = {};
     for (int t = 0; t < H + W - 1; ++t) {
-      float* cur = sh + (t & 1) * kStates * W;
-      const float* prev = sh + ((t + 1) & 1) * kStates * W;
-      const int i = t - j;
-      if (j < W && i >= 0 && i < H) {
+      const auto [cur, prev, i, inside] = diagonal(sh, t, j, H, W);
+      if (inside) {
         const long l = (long)i * W + j;
         const Cell x = load_cell(p, c, L, l);
         float yv = 0.f;
@@ -67,10 +79,8 @@ __global__ void m2d_bwd_kernel(Params p) {
   for (int n0 = 0; n0 < p.dstate; n0 += kStates) {
     float pv[kStates] = {}, gAh[kStates] = {}, gAv[kStates] = {};  // pv: 1/2 dAv[i+1,j] lam[i+1,j]
     for (int t = H + W - 2; t >= 0; --t) {
-      float* cur = sh + (t & 1) * kStates * W;
-      const float* prev = sh + ((t + 1) & 1) * kStates * W;
-      const int i = t - j;
-      if (j < W && i >= 0 && i < H) {
+      const auto [cur, prev, i, inside] = diagonal(sh, t, j, H, W);
+      if (inside) {
         const long l = (long)i * W + j;
         const Cell x = load_cell(p, c, L, l);
         const float dy = p.dy[c * L + l];

@@ -270,6 +270,26 @@ __host__ __device__ constexpr int wide_bytes() { return K * sizeof(T) >= 16 ? 16
 template <typename T, int K>
 __device__ __forceinline__ bool wide_ok(int width) { return (width * (int)sizeof(T)) % wide_bytes<T, K>() == 0; }
 
+// dA = exp(delta A) and dBu = delta u B for the lane's K columns of a staged step (zero past `valid`), and the
+// lane's composed map x -> a x + b over them, returned as (a, b).
+template <typename T, int K, class S>
+__device__ __forceinline__ float2 discretise(const S& sm, int slot, const Channel<T>& ch, int l0, int valid,
+                                             bool vec, float (&dA)[K], float (&bu)[K]) {
+  const int lane = threadIdx.x & 31;
+  float dt[K], uu[K], a = 1.f, b = 0.f;
+  lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
+  lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
+  ldg<T, K>(ch.B + l0, valid, vec, bu);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    dA[k] = exp2f(dt[k] * ch.a2);
+    bu[k] *= dt[k] * uu[k];
+    b = dA[k] * b + bu[k];
+    a *= dA[k];
+  }
+  return make_float2(a, b);
+}
+
 template <typename T, int K>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
   constexpr int TILE = 32 * K;
@@ -304,19 +324,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
     const int i = nt == 1 ? s : s / nt, t = s - i * nt, j0 = t * TILE + lane * K, l0 = i * W + j0;
     const int valid = ch.active ? W - j0 : 0;
     if (t == 0) gc = 0.f;
-    float dA[K], bu[K], cc[K], dt[K], uu[K], a = 1.f, b = 0.f;
-    lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
-    lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
-    ldg<T, K>(ch.B + l0, valid, vec, bu);
+    float dA[K], bu[K], cc[K];
     ldg<T, K>(ch.C + l0, valid, vec, cc);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      dA[k] = exp2f(dt[k] * ch.a2);
-      bu[k] *= dt[k] * uu[k];
-      b = dA[k] * b + bu[k];
-      a *= dA[k];
-    }
-    float g = warp_scan_in(a, b, gc);
+    const float2 ab = discretise<T, K>(sm, slot, ch, l0, valid, vec, dA, bu);
+    float g = warp_scan_in(ab.x, ab.y, gc);
     if (nt > 1) {
       if (i > 0) ldg<float, K, false>(carry + j0, valid, vecf, hv);
       else for (int k = 0; k < K; ++k) hv[k] = 0.f;
@@ -391,18 +402,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
         const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K, valid = ch.active ? W - j0 : 0;
         if (t == 0) gc = 0.f;
         if (lane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
-        float dA[K], bu[K], dt[K], uu[K], a = 1.f, b = 0.f;
-        lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
-        lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
-        ldg<T, K>(ch.B + i * W + j0, valid, vec, bu);
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          dA[k] = exp2f(dt[k] * ch.a2);
-          bu[k] *= dt[k] * uu[k];
-          b = dA[k] * b + bu[k];
-          a *= dA[k];
-        }
-        float g = warp_scan_in(a, b, gc);
+        float dA[K], bu[K];
+        const float2 ab = discretise<T, K>(sm, slot, ch, i * W + j0, valid, vec, dA, bu);
+        float g = warp_scan_in(ab.x, ab.y, gc);
         if (i == r1) return;  // the last row needs only its tile carries
         float hp[K];
         h_above(i, j0, valid, hp);
