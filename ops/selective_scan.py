@@ -46,9 +46,12 @@ def extension():
 
 
 def _use_kernel(u: torch.Tensor) -> bool:
-    if not u.is_cuda or u.dtype not in KERNEL_DTYPES:
+    """CUDA tensors of a kernel dtype with a working extension; CPU tensors and float64 take the reference."""
+    if not u.is_cuda:
+        if not torch.cuda.is_available():
+            _fallback_once("no CUDA device")
         return False
-    return extension() is not None
+    return u.dtype in KERNEL_DTYPES and extension() is not None
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:

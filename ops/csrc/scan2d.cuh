@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = ch.ntiles, steps = H * nt;
   float* carry = p.carry + ch.cn * W;
-  float* ckpt = p.ckpt + ch.cn * p.n_strips * W;
+  float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
   float* y = p.y + (long)ch.c * ch.L;
   float hv[K];
 #pragma unroll
@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
   const int W = ch.W, H = ch.H, nt = ch.ntiles;
   const bool vec4 = W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
   const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
-  const float* ckpt = p.ckpt + ch.cn * p.n_strips * W;
+  const float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
   float* hbuf = p.hbuf + ch.cn * (p.strip - 1) * W;
   float* gbuf = p.gbuf + ch.cn * p.strip * nt;
   float* lcarry = p.carry + ch.cn * W;

@@ -14,7 +14,7 @@ struct Params {
   const void *u, *delta, *B, *C;  // u, delta (batch, dim, L); B, C (batch, groups, dstate, L)
   const float *A, *delta_bias;    // A (dim, dstate); delta_bias (dim) or null
   float* y;                       // forward: (batch, dim, L) sum_n C h
-  float* ckpt;                    // (batch, dim, dstate, n_strips, width) h at each strip's last row
+  float* ckpt;                    // (batch, dim, dstate, n_strips - 1, width) h at the last row of each strip but the last
   float* carry;                   // (batch, dim, dstate, width) vertical carry when a row has several tiles
   const float* dy;                // backward: (batch, dim, L) gradient of sum_n C h
   float *du, *ddelta, *dA, *dB, *dC;
