@@ -1,6 +1,6 @@
 """The CUDA sources compile (nvcc, no GPU needed) and the dispatcher falls back cleanly without them.
 
-The compile goes to build/ops (cached: reruns take about a second; a cold build takes about 30 s on 2 cores).
+The compile goes to build/ops (cached: reruns take about a second; a cold build takes 25-45 s on 2 cores).
 """
 from __future__ import annotations
 
