@@ -47,6 +47,14 @@ report: setup
 bench-preprocess: setup
 	$(PY) scripts/bench_preprocess.py $(ARGS)
 
+# The scan operator's CUDA extension (ops/csrc), built ahead of time into build/ops (else JIT on first use).
+build-ops: setup
+	$(PY) -c "from ops import build; build.main()"
+
+# Forward and forward+backward times of the 2D scan next to the 1D scan and the reference (needs a GPU).
+bench-ops: build-ops
+	$(PY) scripts/bench_scan.py --out bench_out/scan.json $(ARGS)
+
 clean:
 	rm -rf build demo_out bench_out outputs multirun .pytest_cache
 

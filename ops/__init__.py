@@ -1,8 +1,12 @@
-"""The selective-scan operators of 2DMambaMIL (see docs and DESIGN.md, "The 2D selective scan")."""
-from .reference import selective_scan_1d_ref, selective_scan_2d_ref
+"""The selective-scan operators of 2DMambaMIL (docs/ops.md; the math: DESIGN.md, "The 2D selective scan").
 
-# Until the CUDA kernels are wired in, the public entry points are the reference implementations.
-selective_scan_2d = selective_scan_2d_ref
-selective_scan_1d = selective_scan_1d_ref
+`selective_scan_2d`, `selective_scan_1d` and `wavefront_scan_m2d` run CUDA kernels (with autograd) on CUDA
+tensors and the pure-PyTorch references (the `*_ref` functions, the specification) elsewhere.
+"""
+from .reference import selective_scan_1d_ref, selective_scan_2d_ref, wavefront_scan_m2d_ref
+from .selective_scan import selective_scan_1d, selective_scan_2d, wavefront_scan_m2d
 
-__all__ = ["selective_scan_1d", "selective_scan_1d_ref", "selective_scan_2d", "selective_scan_2d_ref"]
+__all__ = [
+    "selective_scan_1d", "selective_scan_1d_ref", "selective_scan_2d", "selective_scan_2d_ref",
+    "wavefront_scan_m2d", "wavefront_scan_m2d_ref",
+]

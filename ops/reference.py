@@ -85,3 +85,49 @@ def selective_scan_2d_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         ys.append((h * Cd[..., i, :]).sum(2))
     y = torch.stack(ys, -2).reshape(batch, d, L)
     return _output(u, y, D, z, out_dtype)
+
+
+def _diagonal_order(height: int, width: int) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
+    """Positions l = i * width + j sorted by anti-diagonal t = i + j (then by row), the diagonals' lengths and
+    their row ranges [lo, hi]."""
+    order, sizes, rows = [], [], []
+    for t in range(height + width - 1):
+        lo, hi = max(0, t - width + 1), min(height - 1, t)
+        order.extend(i * width + (t - i) for i in range(lo, hi + 1))
+        sizes.append(hi - lo + 1)
+        rows.append((lo, hi))
+    return torch.tensor(order), sizes, rows
+
+
+def wavefront_scan_m2d_ref(u, delta_h, delta_v, A_h, A_v, B_h, B_v, C, D=None, z=None, delta_softplus=False, *,
+                           height: int, width: int):
+    """Mamba2D's 2D recurrence (mamba2d-paper eq. 14), one parameter set per axis, discretised as in mamba:
+
+    h[i, j] = 1/2 (exp(dv A_v) h[i-1, j] + exp(dh A_h) h[i, j-1] + (dv B_v + dh B_h) u[i, j])
+    y[i, j] = <C[i, j], h[i, j]> (+ D u)(* silu z), with dh, dv = delta_h, delta_v (softplus'ed if asked).
+    The cells of one anti-diagonal depend only on the previous one: O(height + width) Python steps.
+    """
+    batch, d, L = u.shape
+    if height * width != L:
+        raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {L}")
+    out_dtype = u.dtype
+    uw, dAh, bu_h = _discretise(u, delta_h, A_h, B_h, None, delta_softplus)
+    _, dAv, bu_v = _discretise(u, delta_v, A_v, B_v, None, delta_softplus)
+    Cd = _per_channel(C.to(uw.dtype), d)
+    order, sizes, rows = _diagonal_order(height, width)
+    order = order.to(u.device)
+    split = [torch.split(x.index_select(-1, order), sizes, -1) for x in (dAh, dAv, bu_h + bu_v, Cd)]
+    prev, prev_rows, ys = None, None, []
+    for t, (lo, hi) in enumerate(rows):
+        a_h, a_v, bu, c = (s[t] for s in split)
+        if prev is None:
+            up = left = torch.zeros_like(bu)
+        else:  # place the previous diagonal on the full row axis: left = same row, up = the row before
+            full = F.pad(prev, (prev_rows[0], height - 1 - prev_rows[1]))
+            left = full[..., lo:hi + 1]
+            up = F.pad(full[..., :-1], (1, 0))[..., lo:hi + 1]
+        prev, prev_rows = 0.5 * (a_v * up + a_h * left + bu), (lo, hi)
+        ys.append((prev * c).sum(2))
+    y = torch.empty_like(uw)
+    y[..., order] = torch.cat(ys, -1)
+    return _output(uw, y, D, z, out_dtype)

@@ -1,0 +1,552 @@
+// The 2D selective scan (and the 1D scan as its one-row case): forward and backward kernels.
+//
+// Layout of the work. One thread block per (channel c = b*dim + d, group of up to 16 states); one warp per
+// state n. A warp walks the grid row by row; a row is cut into tiles of 32*K columns, lane l owning K
+// consecutive columns of the tile, so the horizontal scan of a row is a sequential scan over K values per lane
+// plus a 5-step shuffle scan across the warp (chained over tiles when the row is wider than one tile).
+// The vertical scan is elementwise per column: its carry lives in registers (one tile per row) or in a
+// per-(c, n) scratch row (wider rows). y = sum_n C h needs a sum over the warps of the block: each warp
+// stores its share in its own slice of shared memory (no atomics: float atomics on shared memory are
+// compare-and-swap loops, slow under contention); every kWindow steps the block sums the slices and writes
+// the sums out (coalesced). The per-position inputs shared by the 16 warps (delta after bias and softplus,
+// delta*u, and dy in the backward) are computed once per block into shared memory for the same windows.
+// dB and dC (sums over channels, i.e. over blocks) use 16-byte global atomics.
+// The forward keeps h only at strip boundaries (every `strip` rows, the checkpoints); the backward walks the
+// strips bottom-up, recomputes the strip's states from its checkpoint, then runs the adjoint recurrences.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "scan_params.h"
+
+namespace scan {
+
+constexpr int kWindow = 4;  // steps (row tiles) staged and summed in shared memory between two barriers
+constexpr unsigned kFull = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+
+// 4 floats of padding per 32 columns: a lane's K <= 8 values stay contiguous and 16-byte aligned, and neither
+// 16-byte accesses by lanes (K values each) nor 4-byte accesses by consecutive threads conflict on banks.
+__device__ __forceinline__ int padded(int col) { return col + ((col >> 5) << 2); }
+
+// Per-warp view of one (channel, state) problem.
+template <typename T>
+struct Channel {
+  int c, b, d, n, W, H, ntiles;
+  bool active;
+  long L;
+  const T *u, *delta, *B, *C;
+  float a2, bias;  // A * log2(e) (dA = exp2(delta * a2)), delta_bias[d]
+  long cn;         // (c, n) index into per-state scratch
+
+  __device__ Channel(const Params& p, int tile) {
+    c = blockIdx.x;
+    b = c / p.dim;
+    d = c - b * p.dim;
+    n = blockIdx.y * kWarpsPerBlock + (threadIdx.x >> 5);
+    active = n < p.dstate;
+    if (!active) n = 0;
+    W = p.width;
+    H = p.height;
+    L = (long)H * W;
+    ntiles = (W + tile - 1) / tile;
+    const int g = d / (p.dim / p.groups);
+    u = (const T*)p.u + (long)c * L;
+    delta = (const T*)p.delta + (long)c * L;
+    const long bc = ((long)(b * p.groups + g) * p.dstate + n) * L;
+    B = (const T*)p.B + bc;
+    C = (const T*)p.C + bc;
+    a2 = p.A[d * p.dstate + n] * kLog2e;
+    bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    cn = (long)c * p.dstate + n;
+  }
+};
+
+// Shared memory of a block: NSTAGE staged per-position arrays and NPART per-warp partial sums, each for
+// kWindow steps of 32*K columns (rows padded against bank conflicts).
+template <int K, int NSTAGE, int NPART>
+struct Smem {
+  static constexpr int kRow = 36 * K;
+  float* base;
+  __device__ float* stage_ptr(int a, int slot, int col) const { return &stage(a, slot, col); }
+  __device__ float& stage(int a, int slot, int col) const { return base[(a * kWindow + slot) * kRow + padded(col)]; }
+  __device__ float& part(int a, int slot, int warp, int col) const {
+    return base[(NSTAGE * kWindow + (a * kWindow + slot) * kWarpsPerBlock + warp) * kRow + padded(col)];
+  }
+  __device__ float sum(int a, int slot, int col, int nwarps) const {
+    float v = 0.f;
+    for (int w = 0; w < nwarps; ++w) v += part(a, slot, w, col);
+    return v;
+  }
+  __host__ __device__ static constexpr size_t bytes() {
+    return sizeof(float) * kRow * kWindow * (NSTAGE + NPART * kWarpsPerBlock);
+  }
+};
+
+// Stages delta (after bias and softplus), u and optionally dy for the kWindow steps of a window;
+// where(slot, i, t) gives the step's row and tile (i < 0: past the end). Called by the whole block.
+template <typename T, int K, class S, class Where>
+__device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& ch, const S& sm, Where where,
+                                             const float* dy) {
+  constexpr int TILE = 32 * K;
+  for (int idx = threadIdx.x; idx < kWindow * TILE; idx += blockDim.x) {
+    const int slot = idx / TILE, col = idx - slot * TILE;
+    int i, t;
+    where(slot, i, t);
+    const int j = t * TILE + col;
+    float dt = 0.f, uu = 0.f, g = 0.f;
+    if (i >= 0 && j < ch.W) {
+      const long l = (long)i * ch.W + j;
+      dt = to_float(ch.delta[l]) + ch.bias;
+      if (p.softplus) dt = softplus(dt);
+      uu = to_float(ch.u[l]);
+      if (dy) g = dy[(long)ch.c * ch.L + l];
+    }
+    sm.stage(0, slot, col) = dt;  // zero past the row's end: dA = 1 and dBu = 0 there (identity)
+    sm.stage(1, slot, col) = uu;
+    if (dy) sm.stage(2, slot, col) = g;
+  }
+}
+
+// Runs nsteps steps in windows of kWindow: drain(previous window) and stage(this window) by the whole block,
+// a barrier, step(s, slot) for each step of the window by every warp, a barrier.
+template <class Stage, class Step, class Drain>
+__device__ __forceinline__ void windows(int nsteps, Stage stage, Step step, Drain drain) {
+  for (int s0 = 0;; s0 += kWindow) {
+    if (s0 > 0) drain(s0 - kWindow, min(kWindow, nsteps - (s0 - kWindow)));
+    if (s0 < nsteps) stage(s0);
+    __syncthreads();
+    if (s0 >= nsteps) break;
+    const int count = min(kWindow, nsteps - s0);
+    for (int slot = 0; slot < count; ++slot) step(s0 + slot, slot);
+    __syncthreads();
+  }
+}
+
+// Inclusive warp scan of the affine maps x -> a x + b (left to right); returns the lane's incoming value given
+// the value `carry` entering the tile, and sets `carry` to the value leaving the tile.
+__device__ __forceinline__ float warp_scan_in(float a, float b, float& carry) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float pa = __shfl_up_sync(kFull, a, off), pb = __shfl_up_sync(kFull, b, off);
+    if (lane >= off) {
+      b = a * pb + b;
+      a = a * pa;
+    }
+  }
+  float ea = __shfl_up_sync(kFull, a, 1), eb = __shfl_up_sync(kFull, b, 1);
+  if (lane == 0) ea = 1.f, eb = 0.f;
+  const float in = ea * carry + eb;
+  carry = __shfl_sync(kFull, a, 31) * carry + __shfl_sync(kFull, b, 31);
+  return in;
+}
+
+// The mirror image (right to left): x_lane = b + a * x_{lane+1}; returns the lane's incoming value from the right.
+__device__ __forceinline__ float warp_scan_rev_in(float a, float b, float& carry) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float na = __shfl_down_sync(kFull, a, off), nb = __shfl_down_sync(kFull, b, off);
+    if (lane + off < 32) {
+      b = b + a * nb;
+      a = a * na;
+    }
+  }
+  float xa = __shfl_down_sync(kFull, a, 1), xb = __shfl_down_sync(kFull, b, 1);
+  if (lane == 31) xa = 1.f, xb = 0.f;
+  const float in = xb + xa * carry;
+  carry = __shfl_sync(kFull, b, 0) + __shfl_sync(kFull, a, 0) * carry;
+  return in;
+}
+
+__device__ __forceinline__ void store_out(float* out, long l, float v, bool atomic) {
+  if (atomic) atomicAdd(out + l, v);
+  else out[l] = v;
+}
+
+// Adds vals to out[l0 .. l0+K) (K consecutive columns, the first `valid` of them inside the row), with 16-byte
+// atomics where the row layout keeps them aligned (vec4), else one float at a time.
+template <int K>
+__device__ __forceinline__ void atomic_add_row(float* out, long l0, int valid, const float (&vals)[K], bool vec4) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (K >= 4) {
+    if (vec4) {
+#pragma unroll
+      for (int q = 0; q < K / 4; ++q)
+        if (4 * q < valid)
+          atomicAdd(reinterpret_cast<float4*>(out + l0 + 4 * q),
+                    make_float4(vals[4 * q], vals[4 * q + 1], vals[4 * q + 2], vals[4 * q + 3]));
+      return;
+    }
+  }
+#endif
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (k < valid) atomicAdd(out + l0 + k, vals[k]);
+}
+
+// K consecutive floats of shared memory (16-byte aligned when K >= 4) into / from registers.
+template <int K>
+__device__ __forceinline__ void lds(const float* src, float (&v)[K]) {
+  if constexpr (K >= 4) {
+#pragma unroll
+    for (int q = 0; q < K / 4; ++q) {
+      const float4 x = reinterpret_cast<const float4*>(src)[q];
+      v[4 * q] = x.x, v[4 * q + 1] = x.y, v[4 * q + 2] = x.z, v[4 * q + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = src[k];
+  }
+}
+template <int K>
+__device__ __forceinline__ void sts(float* dst, const float (&v)[K]) {
+  if constexpr (K >= 4) {
+#pragma unroll
+    for (int q = 0; q < K / 4; ++q)
+      reinterpret_cast<float4*>(dst)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) dst[k] = v[k];
+  }
+}
+
+// K consecutive values of global memory as floats, zero past `valid`; one wide load when `vec` (the caller
+// checked the alignment) and the K values are all inside the row. kReadOnly: through the non-coherent cache,
+// only for tensors no thread of the kernel writes.
+template <typename T, int K, bool kReadOnly = true>
+__device__ __forceinline__ void ldg(const T* src, int valid, bool vec, float (&v)[K]) {
+  constexpr int kBytes = K * sizeof(T);
+  if (vec && valid >= K) {
+    if constexpr (kBytes % 16 == 0) {
+      uint4 raw[kBytes / 16];
+#pragma unroll
+      for (int q = 0; q < kBytes / 16; ++q)
+        raw[q] = kReadOnly ? __ldg(reinterpret_cast<const uint4*>(src) + q) : reinterpret_cast<const uint4*>(src)[q];
+      const T* t = reinterpret_cast<const T*>(raw);
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
+      return;
+    } else if constexpr (kBytes == 8) {
+      const uint2 raw = kReadOnly ? __ldg(reinterpret_cast<const uint2*>(src)) : *reinterpret_cast<const uint2*>(src);
+      const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(src[k]) : 0.f;
+}
+
+// K floats to global memory, the first `valid` of them; 16-byte stores when `vec` and all K are inside the row.
+template <int K>
+__device__ __forceinline__ void stg(float* dst, int valid, bool vec, const float (&v)[K]) {
+  if constexpr (K >= 4) {
+    if (vec && valid >= K) {
+#pragma unroll
+      for (int q = 0; q < K / 4; ++q)
+        reinterpret_cast<float4*>(dst)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (k < valid) dst[k] = v[k];
+}
+
+// Whether K consecutive values of a row may be read with one wide load: rows of `width` values of T keep that
+// alignment (the tensors themselves are 16-byte aligned, checked by the binding).
+template <typename T, int K>
+__host__ __device__ constexpr int wide_bytes() { return K * sizeof(T) >= 16 ? 16 : K * sizeof(T); }
+template <typename T, int K>
+__device__ __forceinline__ bool wide_ok(int width) { return (width * (int)sizeof(T)) % wide_bytes<T, K>() == 0; }
+
+// dA = exp(delta A) and dBu = delta u B for the lane's K columns of a staged step (zero past `valid`), and the
+// lane's composed map x -> a x + b over them, returned as (a, b).
+template <typename T, int K, class S>
+__device__ __forceinline__ float2 discretise(const S& sm, int slot, const Channel<T>& ch, int l0, int valid,
+                                             bool vec, float (&dA)[K], float (&bu)[K]) {
+  const int lane = threadIdx.x & 31;
+  float dt[K], uu[K], a = 1.f, b = 0.f;
+  lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
+  lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
+  ldg<T, K>(ch.B + l0, valid, vec, bu);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    dA[k] = exp2f(dt[k] * ch.a2);
+    bu[k] *= dt[k] * uu[k];
+    b = dA[k] * b + bu[k];
+    a *= dA[k];
+  }
+  return make_float2(a, b);
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
+  constexpr int TILE = 32 * K;
+  extern __shared__ float smem[];
+  const Smem<K, 2, 1> sm{smem};
+  const Channel<T> ch(p, TILE);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int W = ch.W, H = ch.H, nt = ch.ntiles, steps = H * nt;
+  float* carry = p.carry + ch.cn * W;
+  float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
+  float* y = p.y + (long)ch.c * ch.L;
+  float hv[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) hv[k] = 0.f;
+  float gc = 0.f;  // horizontal carry between the tiles of a row
+  auto stage = [&](int s0) {
+    stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+      const int s = s0 + slot;
+      i = s < steps ? s / nt : -1;
+      t = s - (s / nt) * nt;
+    }, nullptr);
+  };
+  auto drain = [&](int s0, int count) {
+    for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
+      const int slot = idx / TILE, col = idx - slot * TILE, s = s0 + slot, i = s / nt;
+      const int j = (s - i * nt) * TILE + col;
+      if (j < W) store_out(y, (long)i * W + j, sm.sum(0, slot, col, nwarps), p.atomic_out);
+    }
+  };
+  const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
+  auto step = [&](int s, int slot) {
+    const int i = nt == 1 ? s : s / nt, t = s - i * nt, j0 = t * TILE + lane * K, l0 = i * W + j0;
+    const int valid = ch.active ? W - j0 : 0;
+    if (t == 0) gc = 0.f;
+    float dA[K], bu[K], cc[K];
+    ldg<T, K>(ch.C + l0, valid, vec, cc);
+    const float2 ab = discretise<T, K>(sm, slot, ch, l0, valid, vec, dA, bu);
+    float g = warp_scan_in(ab.x, ab.y, gc);
+    if (nt > 1) {
+      if (i > 0) ldg<float, K, false>(carry + j0, valid, vecf, hv);
+      else for (int k = 0; k < K; ++k) hv[k] = 0.f;
+    }
+    float yv[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      g = dA[k] * g + bu[k];
+      hv[k] = dA[k] * hv[k] + g;
+      yv[k] = cc[k] * hv[k];
+    }
+    sts<K>(&sm.part(0, slot, warp, lane * K), yv);
+    if (valid > 0 && (((i + 1) % kStrip == 0 && i + 1 < H) || (nt > 1 && i + 1 < H))) {
+      float* dst = (i + 1) % kStrip == 0 && i + 1 < H ? ckpt + ((i + 1) / kStrip - 1) * W : nullptr;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (k < valid) {
+          if (dst) dst[j0 + k] = hv[k];
+          if (nt > 1) carry[j0 + k] = hv[k];
+        }
+      }
+    }
+  };
+  windows(steps, stage, step, drain);
+}
+
+// Backward. Adjoints: lh = dL/dh (vertical recurrence, bottom-up), lg = dL/dg (horizontal, right to left):
+//   lh[i,j] = dy[i,j] C[i,j] + dA[i+1,j] lh[i+1,j];   lg[i,j] = lh[i,j] + dA[i,j+1] lg[i,j+1]
+//   d dA[i,j] = lg[i,j] g[i,j-1] + lh[i,j] h[i-1,j];  d dBu[i,j] = lg[i,j].
+template <typename T, int K>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params p) {
+  constexpr int TILE = 32 * K;
+  extern __shared__ float smem[];
+  const Smem<K, 3, 2> sm{smem};  // staged: dt, dt*u, dy; partials: du, ddelta
+  const Channel<T> ch(p, TILE);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int W = ch.W, H = ch.H, nt = ch.ntiles;
+  const bool vec4 = W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
+  const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
+  const float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
+  float* hbuf = p.hbuf + ch.cn * (p.strip - 1) * W;
+  float* gbuf = p.gbuf + ch.cn * p.strip * nt;
+  float* lcarry = p.carry + ch.cn * W;
+  float* dB = p.dB + (ch.B - (const T*)p.B);
+  float* dC = p.dC + (ch.C - (const T*)p.C);
+  const float A = ch.a2 / kLog2e;
+  float dA_sum = 0.f;
+  float lv[K];  // dA[i+1,j] lh[i+1,j]: the vertical adjoint entering row i
+#pragma unroll
+  for (int k = 0; k < K; ++k) lv[k] = 0.f;
+  for (int strip = p.n_strips - 1; strip >= 0; --strip) {
+    const int r0 = strip * p.strip, r1 = min(H, r0 + p.strip) - 1;
+    auto h_above = [&](int i, int j0, int valid, float (&hp)[K]) {  // h[i-1, j0..j0+K) for r0 <= i <= r1
+      if (i > r0) ldg<float, K, false>(hbuf + (i - r0 - 1) * W + j0, valid, vecf, hp);
+      else if (strip > 0) ldg<float, K>(ckpt + (strip - 1) * W + j0, valid, vecf, hp);
+      else for (int k = 0; k < K; ++k) hp[k] = 0.f;
+    };
+    // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and every tile's incoming
+    // horizontal carry (into gbuf; the last row's carries too when a row has several tiles).
+    {
+      float gc = 0.f;
+      const int nsteps = (r1 - r0) * nt + (nt > 1 ? nt : 0);
+      auto where = [&](int s) { return make_int2(r0 + s / nt, s % nt); };
+      auto stage = [&](int s0) {
+        stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+          const int s = s0 + slot;
+          i = s < nsteps ? where(s).x : -1;
+          t = where(s).y;
+        }, nullptr);
+      };
+      auto step = [&](int s, int slot) {
+        const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K, valid = ch.active ? W - j0 : 0;
+        if (t == 0) gc = 0.f;
+        if (lane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
+        float dA[K], bu[K];
+        const float2 ab = discretise<T, K>(sm, slot, ch, i * W + j0, valid, vec, dA, bu);
+        float g = warp_scan_in(ab.x, ab.y, gc);
+        if (i == r1) return;  // the last row needs only its tile carries
+        float hp[K];
+        h_above(i, j0, valid, hp);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          g = dA[k] * g + bu[k];
+          hp[k] = dA[k] * hp[k] + g;
+        }
+        stg<K>(hbuf + (i - r0) * W + j0, valid, vecf, hp);
+      };
+      windows(nsteps, stage, step, [](int, int) {});
+    }
+    // Phase B: the adjoint sweep over the strip, bottom-up, right to left.
+    {
+      float lgc = 0.f, dA_right = 0.f;  // lg and dA at the first column of the tile to the right
+      const int nsteps = (r1 - r0 + 1) * nt;
+      auto where = [&](int s) { return make_int2(r1 - s / nt, nt - 1 - s % nt); };
+      auto stage = [&](int s0) {
+        stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+          const int s = s0 + slot;
+          i = s < nsteps ? where(s).x : -1;
+          t = where(s).y;
+        }, p.dy);
+      };
+      auto drain = [&](int s0, int count) {
+        for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
+          const int slot = idx / TILE, col = idx - slot * TILE;
+          const auto it = where(s0 + slot);
+          const int j = it.y * TILE + col;
+          if (j < W) {
+            const long l = (long)ch.c * ch.L + (long)it.x * W + j;
+            store_out(p.du, l, sm.sum(0, slot, col, nwarps), p.atomic_out);
+            store_out(p.ddelta, l, sm.sum(1, slot, col, nwarps), p.atomic_out);
+          }
+        }
+      };
+      auto step = [&](int s, int slot) {
+        const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K;
+        if (t == nt - 1) lgc = 0.f, dA_right = 0.f;
+        float dt[K], uu[K], bb[K], dA[K], lh[K], hp[K], dyk[K];
+        const int valid = ch.active ? W - j0 : 0;
+        if (nt > 1) {
+          if (i + 1 < H) ldg<float, K, false>(lcarry + j0, valid, vecf, lv);
+          else for (int k = 0; k < K; ++k) lv[k] = 0.f;
+        }
+        lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
+        lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
+        lds<K>(sm.stage_ptr(2, slot, lane * K), dyk);
+        ldg<T, K>(ch.B + i * W + j0, valid, vec, bb);
+        ldg<T, K>(ch.C + i * W + j0, valid, vec, lh);
+        h_above(i, j0, valid, hp);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const bool ok = k < valid;
+          dA[k] = exp2f(dt[k] * ch.a2);
+          dyk[k] = ok ? dyk[k] : 0.f;
+          lh[k] = ok ? dyk[k] * lh[k] + lv[k] : 0.f;
+        }
+        // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1].
+        const float dA_next_lane = __shfl_down_sync(kFull, dA[0], 1);
+        const float m_last = lane == 31 ? dA_right : dA_next_lane;
+        float ra = 1.f, rb = 0.f;
+#pragma unroll
+        for (int k = K - 1; k >= 0; --k) {
+          const float m = k == K - 1 ? m_last : dA[k + 1];
+          rb = lh[k] + m * rb;
+          ra *= m;
+        }
+        float lg_in = warp_scan_rev_in(ra, rb, lgc);
+        dA_right = __shfl_sync(kFull, dA[0], 0);
+        float lg[K];
+#pragma unroll
+        for (int k = K - 1; k >= 0; --k) {
+          const float m = k == K - 1 ? m_last : dA[k + 1];
+          lg_in = lh[k] + m * lg_in;
+          lg[k] = lg_in;
+        }
+        // g again (left to right) for g[i, j-1]; then all the gradients of this position.
+        float a = 1.f, b = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          b = dA[k] * b + dt[k] * uu[k] * bb[k];
+          a *= dA[k];
+        }
+        float gcarry = (nt > 1 && t > 0) ? gbuf[(i - r0) * nt + t] : 0.f;
+        float gp = warp_scan_in(a, b, gcarry);
+        float vB[K], vC[K], pdu[K], pdd[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const float g = dA[k] * gp + dt[k] * uu[k] * bb[k];
+          const float ddA = lg[k] * gp + lh[k] * hp[k];  // lg, lh, dy are zero past the row's end
+          gp = g;
+          pdd[k] = ddA * dA[k] * A + lg[k] * bb[k] * uu[k];
+          pdu[k] = lg[k] * bb[k] * dt[k];
+          vB[k] = lg[k] * dt[k] * uu[k];
+          vC[k] = dyk[k] * (dA[k] * hp[k] + g);
+          dA_sum += ddA * dA[k] * dt[k];
+          lv[k] = dA[k] * lh[k];
+        }
+        sts<K>(&sm.part(0, slot, warp, lane * K), pdu);
+        sts<K>(&sm.part(1, slot, warp, lane * K), pdd);
+        if (nt > 1 && i > 0) stg<K>(lcarry + j0, valid, vecf, lv);
+        if (ch.active) {
+          atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4);
+          atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4);
+        }
+      };
+      windows(nsteps, stage, step, drain);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) dA_sum += __shfl_xor_sync(kFull, dA_sum, off);
+  if (lane == 0 && ch.active) atomicAdd(p.dA + ch.d * p.dstate + ch.n, dA_sum);
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream) {
+  const dim3 grid(p.batch * p.dim, (p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const int threads = 32 * (p.dstate < kWarpsPerBlock ? p.dstate : kWarpsPerBlock);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  kernel<<<grid, threads, smem, stream>>>(p);
+}
+
+// Columns per lane: the smallest K in {1, 2, 4, 8} whose tile covers the row; wider rows use several tiles.
+inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8; }
+
+#define SCAN_DEFINE_LAUNCHERS(T, SUFFIX)                                                                   \
+  void scan2d_fwd_##SUFFIX(const Params& p, cudaStream_t stream) {                                       \
+    switch (cols_per_lane(p.width)) {                                                                    \
+      case 1: launch(scan2d_fwd_kernel<T, 1>, p, Smem<1, 2, 1>::bytes(), stream); break;                   \
+      case 2: launch(scan2d_fwd_kernel<T, 2>, p, Smem<2, 2, 1>::bytes(), stream); break;                   \
+      case 4: launch(scan2d_fwd_kernel<T, 4>, p, Smem<4, 2, 1>::bytes(), stream); break;                   \
+      default: launch(scan2d_fwd_kernel<T, 8>, p, Smem<8, 2, 1>::bytes(), stream); break;                  \
+    }                                                                                                    \
+  }                                                                                                      \
+  void scan2d_bwd_##SUFFIX(const Params& p, cudaStream_t stream) {                                       \
+    switch (cols_per_lane(p.width)) {                                                                    \
+      case 1: launch(scan2d_bwd_kernel<T, 1>, p, Smem<1, 3, 2>::bytes(), stream); break;               \
+      case 2: launch(scan2d_bwd_kernel<T, 2>, p, Smem<2, 3, 2>::bytes(), stream); break;               \
+      case 4: launch(scan2d_bwd_kernel<T, 4>, p, Smem<4, 3, 2>::bytes(), stream); break;               \
+      default: launch(scan2d_bwd_kernel<T, 8>, p, Smem<8, 3, 2>::bytes(), stream); break;              \
+    }                                                                                                    \
+  }
+
+}  // namespace scan

@@ -1,0 +1,201 @@
+// Python binding of the scan kernels: checks the tensors, allocates outputs and scratch, picks the dtype.
+// The elementwise parts (D u, silu(z) gating, the softplus derivative, dD, d delta_bias) stay in PyTorch
+// (ops/selective_scan.py); the kernels compute the recurrences and their sums over states and channels.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "m2d_params.h"
+#include "scan_params.h"
+
+namespace {
+
+#define SCAN_CHECK(cond, ...) TORCH_CHECK(cond, "wsi_pipeline scan: ", __VA_ARGS__)
+
+void check_input(const torch::Tensor& t, const char* name, at::ScalarType dtype) {
+  SCAN_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  SCAN_CHECK(t.is_contiguous(), name, " must be contiguous");
+  SCAN_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+}
+
+struct Shape {
+  int batch, dim, dstate, groups, height, width, strip, n_strips, n_tiles;
+};
+
+// u, delta (batch, dim, L); A (dim, n) fp32; B, C (batch, groups, n, L) in u's dtype.
+Shape shape_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& B,
+               const torch::Tensor& C, int64_t height, int64_t width, int64_t strip) {
+  check_input(u, "u", u.scalar_type());
+  check_input(delta, "delta", u.scalar_type());
+  check_input(A, "A", at::kFloat);
+  check_input(B, "B", u.scalar_type());
+  check_input(C, "C", u.scalar_type());
+  SCAN_CHECK(u.dim() == 3 && B.dim() == 4 && C.sizes() == B.sizes(), "bad ranks: u ", u.sizes(), ", B ", B.sizes());
+  SCAN_CHECK(height >= 1 && width >= 1 && height * width == u.size(2), "height*width must equal L = ", u.size(2));
+  SCAN_CHECK(delta.sizes() == u.sizes(), "delta ", delta.sizes(), " must match u ", u.sizes());
+  Shape s{};
+  s.batch = u.size(0);
+  s.dim = u.size(1);
+  s.dstate = A.size(1);
+  s.groups = B.size(1);
+  s.height = height;
+  s.width = width;
+  SCAN_CHECK(A.size(0) == s.dim && B.size(0) == s.batch && B.size(2) == s.dstate && B.size(3) == u.size(2),
+        "A ", A.sizes(), " / B ", B.sizes(), " do not fit u ", u.sizes());
+  SCAN_CHECK(s.dim % s.groups == 0, "dim ", s.dim, " is not a multiple of the ", s.groups, " groups of B/C");
+  SCAN_CHECK(strip == scan::kStrip, "strip must be ", scan::kStrip, ", got ", strip);
+  s.strip = std::min<int64_t>(strip, height);
+  s.n_strips = (s.height + s.strip - 1) / s.strip;
+  const int tile = 32 * (width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8);
+  s.n_tiles = (s.width + tile - 1) / tile;
+  return s;
+}
+
+scan::Params params_of(const Shape& s, const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
+                       const torch::Tensor& B, const torch::Tensor& C, const c10::optional<torch::Tensor>& bias,
+                       bool softplus) {
+  scan::Params p{};
+  p.batch = s.batch, p.dim = s.dim, p.dstate = s.dstate, p.groups = s.groups;
+  p.height = s.height, p.width = s.width, p.strip = s.strip, p.n_strips = s.n_strips;
+  p.softplus = softplus;
+  p.atomic_out = s.dstate > scan::kWarpsPerBlock;
+  p.u = u.data_ptr(), p.delta = delta.data_ptr(), p.B = B.data_ptr(), p.C = C.data_ptr();
+  p.A = A.data_ptr<float>();
+  if (bias.has_value()) {
+    check_input(*bias, "delta_bias", at::kFloat);
+    p.delta_bias = bias->data_ptr<float>();
+  }
+  return p;
+}
+
+using Launcher = void (*)(const scan::Params&, cudaStream_t);
+
+Launcher pick(at::ScalarType dtype, bool forward) {
+  switch (dtype) {
+    case at::kFloat: return forward ? scan::scan2d_fwd_f32 : scan::scan2d_bwd_f32;
+    case at::kHalf: return forward ? scan::scan2d_fwd_f16 : scan::scan2d_bwd_f16;
+    case at::kBFloat16: return forward ? scan::scan2d_fwd_bf16 : scan::scan2d_bwd_bf16;
+    default: TORCH_CHECK(false, "wsi_pipeline scan: unsupported dtype ", dtype);
+  }
+}
+
+torch::Tensor scratch(const Shape& s, int64_t rows, int64_t cols, const torch::Tensor& like) {
+  return torch::empty({std::max<int64_t>(1, (int64_t)s.batch * s.dim * s.dstate * rows * cols)},
+                      like.options().dtype(at::kFloat));
+}
+
+// Returns (y = sum_n C h in fp32, checkpoints).
+std::vector<torch::Tensor> scan2d_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
+                                      torch::Tensor C, c10::optional<torch::Tensor> delta_bias, bool softplus,
+                                      int64_t height, int64_t width, int64_t strip) {
+  const Shape s = shape_of(u, delta, A, B, C, height, width, strip);
+  const c10::cuda::CUDAGuard guard(u.device());
+  scan::Params p = params_of(s, u, delta, A, B, C, delta_bias, softplus);
+  auto f32 = u.options().dtype(at::kFloat);
+  auto y = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty(u.sizes(), f32);
+  auto ckpt = scratch(s, s.n_strips - 1, s.width, u);  // the last strip needs none
+  auto carry = scratch(s, s.n_tiles > 1 && s.height > 1 ? 1 : 0, s.width, u);
+  p.y = y.data_ptr<float>(), p.ckpt = ckpt.data_ptr<float>(), p.carry = carry.data_ptr<float>();
+  pick(u.scalar_type(), true)(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, ckpt};
+}
+
+// Returns (du, ddelta) as sums over states (fp32, before D and the softplus derivative), dA, dB, dC (fp32).
+std::vector<torch::Tensor> scan2d_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
+                                      torch::Tensor C, c10::optional<torch::Tensor> delta_bias, bool softplus,
+                                      int64_t height, int64_t width, int64_t strip, torch::Tensor ckpt,
+                                      torch::Tensor dy) {
+  const Shape s = shape_of(u, delta, A, B, C, height, width, strip);
+  check_input(dy, "dy", at::kFloat);
+  const c10::cuda::CUDAGuard guard(u.device());
+  scan::Params p = params_of(s, u, delta, A, B, C, delta_bias, softplus);
+  auto f32 = u.options().dtype(at::kFloat);
+  auto du = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty(u.sizes(), f32);
+  auto ddelta = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty(u.sizes(), f32);
+  auto dA = torch::zeros(A.sizes(), f32), dB = torch::zeros(B.sizes(), f32), dC = torch::zeros(C.sizes(), f32);
+  auto hbuf = scratch(s, s.strip - 1, s.width, u);
+  auto gbuf = scratch(s, s.strip, s.n_tiles, u);
+  auto carry = scratch(s, s.n_tiles > 1 && s.height > 1 ? 1 : 0, s.width, u);
+  p.ckpt = ckpt.data_ptr<float>(), p.dy = dy.data_ptr<float>();
+  p.du = du.data_ptr<float>(), p.ddelta = ddelta.data_ptr<float>();
+  p.dA = dA.data_ptr<float>(), p.dB = dB.data_ptr<float>(), p.dC = dC.data_ptr<float>();
+  p.hbuf = hbuf.data_ptr<float>(), p.gbuf = gbuf.data_ptr<float>(), p.carry = carry.data_ptr<float>();
+  pick(u.scalar_type(), false)(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {du, ddelta, dA, dB, dC};
+}
+
+}  // namespace
+
+namespace m2d {
+namespace {
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == at::kFloat, "wavefront_scan_m2d: ", name,
+              " must be a contiguous float32 CUDA tensor");
+}
+
+Params params_of(const torch::Tensor& u, const torch::Tensor& dh, const torch::Tensor& dv, const torch::Tensor& Ah,
+                 const torch::Tensor& Av, const torch::Tensor& Bh, const torch::Tensor& Bv, const torch::Tensor& C,
+                 int64_t height, int64_t width) {
+  const char* names[] = {"u", "delta_h", "delta_v", "A_h", "A_v", "B_h", "B_v", "C"};
+  const torch::Tensor* ts[] = {&u, &dh, &dv, &Ah, &Av, &Bh, &Bv, &C};
+  for (int k = 0; k < 8; ++k) check(*ts[k], names[k]);
+  TORCH_CHECK(height * width == u.size(2) && width <= 1024, "wavefront_scan_m2d: need height*width == L and "
+              "width <= 1024, got ", height, "x", width, " for L = ", u.size(2));
+  TORCH_CHECK(Bh.dim() == 4 && Bv.sizes() == Bh.sizes() && C.sizes() == Bh.sizes(), "wavefront_scan_m2d: B/C");
+  Params p{};
+  p.dim = u.size(1), p.dstate = Ah.size(1), p.groups = Bh.size(1), p.height = height, p.width = width;
+  p.u = u.data_ptr<float>(), p.dh = dh.data_ptr<float>(), p.dv = dv.data_ptr<float>();
+  p.Ah = Ah.data_ptr<float>(), p.Av = Av.data_ptr<float>();
+  p.Bh = Bh.data_ptr<float>(), p.Bv = Bv.data_ptr<float>(), p.C = C.data_ptr<float>();
+  return p;
+}
+
+void launch_sweep(const Params& p, int channels, bool backward) {
+  launch(p, channels, backward, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor delta_h, torch::Tensor delta_v, torch::Tensor A_h,
+                                   torch::Tensor A_v, torch::Tensor B_h, torch::Tensor B_v, torch::Tensor C,
+                                   int64_t height, int64_t width) {
+  Params p = params_of(u, delta_h, delta_v, A_h, A_v, B_h, B_v, C, height, width);
+  const c10::cuda::CUDAGuard guard(u.device());
+  auto y = torch::zeros_like(u);
+  p.y = y.data_ptr<float>();
+  launch_sweep(p, u.size(0) * u.size(1), false);
+  return {y};
+}
+
+std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta_h, torch::Tensor delta_v,
+                                    torch::Tensor A_h, torch::Tensor A_v, torch::Tensor B_h, torch::Tensor B_v,
+                                    torch::Tensor C, int64_t height, int64_t width, torch::Tensor dy) {
+  Params p = params_of(u, delta_h, delta_v, A_h, A_v, B_h, B_v, C, height, width);
+  check(dy, "dy");
+  const c10::cuda::CUDAGuard guard(u.device());
+  auto hall = torch::empty({u.size(0), u.size(1), A_h.size(1), u.size(2)}, u.options());
+  p.hall = hall.data_ptr<float>();
+  launch_sweep(p, u.size(0) * u.size(1), false);  // recompute every state once
+  auto du = torch::zeros_like(u), ddh = torch::zeros_like(u), ddv = torch::zeros_like(u);
+  auto dAh = torch::zeros_like(A_h), dAv = torch::zeros_like(A_v);
+  auto dBh = torch::zeros_like(B_h), dBv = torch::zeros_like(B_v), dC = torch::zeros_like(C);
+  p.dy = dy.data_ptr<float>();
+  p.du = du.data_ptr<float>(), p.ddh = ddh.data_ptr<float>(), p.ddv = ddv.data_ptr<float>();
+  p.dAh = dAh.data_ptr<float>(), p.dAv = dAv.data_ptr<float>();
+  p.dBh = dBh.data_ptr<float>(), p.dBv = dBv.data_ptr<float>(), p.dC = dC.data_ptr<float>();
+  launch_sweep(p, u.size(0) * u.size(1), true);
+  return {du, ddh, ddv, dAh, dAv, dBh, dBv, dC};
+}
+
+}  // namespace m2d
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scan2d_fwd", &scan2d_fwd, "2D selective scan, forward (sum_n C h and strip checkpoints)");
+  m.def("scan2d_bwd", &scan2d_bwd, "2D selective scan, backward");
+  m.def("m2d_fwd", &m2d::forward, "Mamba2D wavefront scan, forward");
+  m.def("m2d_bwd", &m2d::backward, "Mamba2D wavefront scan, backward");
+}

@@ -1,0 +1,33 @@
+// Kernel parameters and launchers of the scans, shared by the CUDA sources and the C++ binding.
+#pragma once
+#include <cuda_runtime.h>
+
+namespace scan {
+
+constexpr int kWarpsPerBlock = 16;  // states per block (one warp each); more states use more blocks
+constexpr int kStrip = 8;           // rows per checkpoint strip (the forward keeps h of every kStrip-th row)
+
+struct Params {
+  int batch, dim, dstate, groups, height, width;
+  int strip, n_strips;  // rows per checkpoint strip, number of strips
+  bool softplus, atomic_out;
+  const void *u, *delta, *B, *C;  // u, delta (batch, dim, L); B, C (batch, groups, dstate, L)
+  const float *A, *delta_bias;    // A (dim, dstate); delta_bias (dim) or null
+  float* y;                       // forward: (batch, dim, L) sum_n C h
+  float* ckpt;                    // (batch, dim, dstate, n_strips - 1, width) h at the last row of each strip but the last
+  float* carry;                   // (batch, dim, dstate, width) vertical carry when a row has several tiles
+  const float* dy;                // backward: (batch, dim, L) gradient of sum_n C h
+  float *du, *ddelta, *dA, *dB, *dC;
+  float* hbuf;  // (batch, dim, dstate, strip - 1, width): recomputed h of a strip
+  float* gbuf;  // (batch, dim, dstate, strip, n_tiles): horizontal carry at each tile start
+};
+
+// One launcher pair per input dtype, each compiled in its own translation unit (they build in parallel).
+void scan2d_fwd_f32(const Params& p, cudaStream_t stream);
+void scan2d_fwd_f16(const Params& p, cudaStream_t stream);
+void scan2d_fwd_bf16(const Params& p, cudaStream_t stream);
+void scan2d_bwd_f32(const Params& p, cudaStream_t stream);
+void scan2d_bwd_f16(const Params& p, cudaStream_t stream);
+void scan2d_bwd_bf16(const Params& p, cudaStream_t stream);
+
+}  // namespace scan

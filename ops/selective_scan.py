@@ -1,0 +1,157 @@
+"""Public scans with autograd: CUDA kernels on CUDA tensors, the pure-PyTorch reference otherwise.
+
+The kernels compute the recurrences (y = sum_n <C, h>, with delta_bias and softplus applied inside) and their
+gradients; the elementwise ends (D u, the silu(z) gate) are the reference's own `_output`, so both paths share
+that code and autograd handles it. Backend choice: CUDA tensors of float32/float16/bfloat16 use the kernels when
+the extension builds; `WSI_PIPELINE_SCAN=reference` forces the reference; without nvcc, or when the build
+fails, the reference is used with one warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import build
+from .reference import _output, selective_scan_1d_ref, selective_scan_2d_ref, wavefront_scan_m2d_ref
+
+LOG = logging.getLogger(__name__)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STRIP = 8  # rows between two checkpointed state rows: the forward keeps L*dim*n/STRIP floats for the backward
+_state: dict[str, object] = {}
+
+
+def _fallback_once(reason: str) -> None:
+    if not _state.get("warned"):
+        _state["warned"] = True
+        warnings.warn(f"wsi_pipeline ops: using the pure-PyTorch reference scan ({reason})", RuntimeWarning,
+                      stacklevel=3)
+
+
+def extension():
+    """The compiled extension, or None (reference forced, no toolkit, or a failed build: warned once)."""
+    if os.environ.get("WSI_PIPELINE_SCAN", "").lower() == "reference":
+        return None
+    if "module" not in _state:
+        try:
+            _state["module"] = build.load()
+        except (build.BuildUnavailable, OSError, RuntimeError, ImportError) as err:
+            LOG.warning("scan extension unavailable: %s", err)
+            _state["module"] = None
+            _fallback_once(f"CUDA extension unavailable: {err}")
+    return _state["module"]
+
+
+def _use_kernel(u: torch.Tensor) -> bool:
+    """CUDA tensors of a kernel dtype with a working extension; CPU tensors and float64 take the reference."""
+    if not u.is_cuda:
+        if not torch.cuda.is_available():
+            _fallback_once("no CUDA device")
+        return False
+    return u.dtype in KERNEL_DTYPES and extension() is not None
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the kernels read rows with 16-byte loads)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def _grouped(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B or C as a contiguous, aligned (batch, groups, n, L) tensor of the kernel's dtype."""
+    return _aligned((x.unsqueeze(1) if x.dim() == 3 else x).to(dtype))
+
+
+def _spec(x: torch.Tensor | None) -> tuple | None:
+    return None if x is None else (x.shape, x.dtype)
+
+
+def _as(grad: torch.Tensor | None, spec: tuple | None) -> torch.Tensor | None:
+    """A gradient in the shape and dtype of its input."""
+    return None if grad is None or spec is None else grad.reshape(spec[0]).to(spec[1])
+
+
+class _Scan2d(torch.autograd.Function):
+    """y = sum_n <C, h> of the 2D scan (fp32), with delta = softplus(delta + delta_bias) applied in the kernel."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, delta_bias, softplus: bool, height: int, width: int):
+        dtype = u.dtype
+        ins = (_aligned(u), _aligned(delta.to(dtype)), A.float().contiguous(), _grouped(B, dtype),
+               _grouped(C, dtype), None if delta_bias is None else delta_bias.float().contiguous())
+        y, ckpt = extension().scan2d_fwd(*ins, softplus, height, width, STRIP)
+        ctx.save_for_backward(*ins[:5], ins[5], ckpt)
+        ctx.meta = (softplus, height, width, *map(_spec, (delta, A, B, C, delta_bias)))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, bias, ckpt = ctx.saved_tensors
+        softplus, height, width, delta0, A0, B0, C0, bias0 = ctx.meta
+        du, ddelta, dA, dB, dC = extension().scan2d_bwd(u, delta, A, B, C, bias, softplus, height, width, STRIP,
+                                                       ckpt, dy.float().contiguous())
+        if softplus:
+            ddelta = ddelta * torch.sigmoid(delta.float() + (0 if bias is None else bias[:, None]))
+        dbias = ddelta.sum((0, 2)) if bias is not None else None
+        return (du.to(u.dtype), _as(ddelta, delta0), _as(dA, A0), _as(dB, B0), _as(dC, C0), _as(dbias, bias0),
+                None, None, None)
+
+
+def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
+                      height: int, width: int):
+    """2DMamba's scan (see `selective_scan_2d_ref` for the math); CUDA kernel with autograd on CUDA tensors.
+
+    u, delta, B, C are used in u's dtype (fp32/fp16/bf16; states and sums in fp32); A, D, delta_bias in fp32.
+    """
+    if not _use_kernel(u):
+        return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, height=height, width=width)
+    if height * width != u.shape[-1]:
+        raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {u.shape[-1]}")
+    y = _Scan2d.apply(u, delta, A, B, C, delta_bias, bool(delta_softplus), int(height), int(width))
+    return _output(u.float(), y, D, z, u.dtype)
+
+
+def selective_scan_1d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Mamba's 1D selective scan over the sequence (MambaMIL): the 2D kernel on a grid of one row."""
+    if not _use_kernel(u):
+        return selective_scan_1d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, delta_softplus, height=1, width=u.shape[-1])
+
+
+class _WavefrontM2d(torch.autograd.Function):
+    """y = sum_n <C, h> of the Mamba2D recurrence; all inputs fp32 and contiguous."""
+
+    @staticmethod
+    def forward(ctx, u, dh, dv, Ah, Av, Bh, Bv, C, height: int, width: int):
+        (y,) = extension().m2d_fwd(u, dh, dv, Ah, Av, Bh, Bv, C, height, width)
+        ctx.save_for_backward(u, dh, dv, Ah, Av, Bh, Bv, C)
+        ctx.grid = (height, width)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = extension().m2d_bwd(*ctx.saved_tensors, *ctx.grid, dy.float().contiguous())
+        return (*grads, None, None)
+
+
+def wavefront_scan_m2d(u, delta_h, delta_v, A_h, A_v, B_h, B_v, C, D=None, z=None, delta_softplus=False, *,
+                       height: int, width: int):
+    """Mamba2D's wavefront scan (see `wavefront_scan_m2d_ref`); CUDA kernel with autograd on CUDA tensors.
+
+    The kernel runs in fp32 (other dtypes are converted) and needs width <= 1024.
+    """
+    if not _use_kernel(u) or width > 1024:
+        return wavefront_scan_m2d_ref(u, delta_h, delta_v, A_h, A_v, B_h, B_v, C, D, z, delta_softplus,
+                                      height=height, width=width)
+    if height * width != u.shape[-1]:
+        raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {u.shape[-1]}")
+    dh, dv = delta_h.float(), delta_v.float()
+    if delta_softplus:
+        dh, dv = F.softplus(dh), F.softplus(dv)
+    f32 = [x.float().contiguous() for x in (u, dh, dv, A_h, A_v)]
+    grouped = [(x.unsqueeze(1) if x.dim() == 3 else x).float().contiguous() for x in (B_h, B_v, C)]
+    y = _WavefrontM2d.apply(*f32, *grouped, int(height), int(width))
+    return _output(u.float(), y, D, z, u.dtype)

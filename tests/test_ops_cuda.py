@@ -1,0 +1,131 @@
+"""CUDA kernels against the reference (float64, same rounded inputs): outputs and every gradient.
+
+Skipped without a CUDA device. Tolerances are on ||kernel - reference|| / ||reference|| per tensor.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ops
+from ops import selective_scan
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+TOL = {torch.float32: 2e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+DTYPES = list(TOL)
+
+
+@pytest.fixture(autouse=True)
+def kernel_backend(monkeypatch):
+    monkeypatch.delenv("WSI_PIPELINE_SCAN", raising=False)
+    assert selective_scan.extension() is not None, "the CUDA extension did not build"
+
+
+def make(batch, d, n, L, dtype, groups=None, options=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bc = (batch, n, L) if groups is None else (batch, groups, n, L)
+
+    def rnd(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale + shift).to(dt)
+
+    x = dict(u=rnd(batch, d, L), delta=(torch.rand(batch, d, L, generator=g, device="cuda") * 0.6 + 0.05).to(dtype),
+             A=-torch.rand(d, n, generator=g, device="cuda") * 1.5 - 0.2, B=rnd(*bc), C=rnd(*bc))
+    if options:
+        x.update(D=rnd(d, dt=torch.float32), z=rnd(batch, d, L), delta_bias=rnd(d, scale=0.5, shift=-1.0,
+                                                                                   dt=torch.float32),
+                 delta_softplus=True)
+    return x
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def compare(fn, ref, x, grid, tol):
+    """Run fn on x and ref on x upcast to float64; compare the output and the gradient of every tensor input."""
+    names = [k for k, v in x.items() if torch.is_tensor(v)]
+    mine = {k: (v.detach().clone().requires_grad_() if k in names else v) for k, v in x.items()}
+    ref_in = {k: (v.detach().double().requires_grad_() if k in names else v) for k, v in x.items()}
+    out = fn(**mine, **grid)
+    expected = ref(**ref_in, **grid)
+    assert out.dtype == x["u"].dtype and out.shape == expected.shape
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < tol, f"output: {rel_err(out, expected):.2e}"
+    dout = torch.randn_like(expected)
+    out.backward(dout.to(out.dtype))
+    expected.backward(dout)
+    for k in names:
+        got, want = mine[k].grad, ref_in[k].grad
+        assert got is not None and got.dtype == x[k].dtype and got.shape == x[k].shape, k
+        assert rel_err(got, want) < tol, f"d{k}: {rel_err(got, want):.2e}"
+
+
+SHAPES = [(1, 1), (1, 37), (37, 1), (13, 29), (200, 200)]
+
+
+@pytest.mark.parametrize("options", [False, True], ids=["plain", "D-z-bias-softplus"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("height,width", SHAPES, ids=[f"{h}x{w}" for h, w in SHAPES])
+def test_scan2d_matches_reference(height, width, dtype, options):
+    x = make(2 if height * width < 1000 else 1, 4, 8, height * width, dtype, options=options, seed=height + width)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
+
+
+@pytest.mark.parametrize("n,groups,height,width", [(20, None, 9, 11), (64, None, 6, 7), (16, 2, 8, 9),
+                                                   (16, None, 5, 300), (3, None, 17, 70), (16, None, 19, 96)])
+def test_scan2d_states_groups_and_wide_rows(n, groups, height, width):
+    x = make(2, 4, n, height * width, torch.float32, groups=groups, options=True, seed=n)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width),
+            TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scan2d_unaligned_views(dtype):
+    """Contiguous views at an odd storage offset (not 16-byte aligned) give the same result."""
+    x = make(2, 4, 8, 17 * 16, dtype, options=True, seed=5)
+    for k in ("u", "delta", "z", "B", "C"):
+        t = x[k]
+        x[k] = torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+        assert x[k].is_contiguous() and x[k].data_ptr() % 16 != 0
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=17, width=16), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L", [1, 37, 700])
+def test_scan1d_matches_reference(L, dtype):
+    x = make(2, 4, 8, L, dtype, options=True, seed=L)
+    compare(ops.selective_scan_1d, ops.selective_scan_1d_ref, x, {}, TOL[dtype])
+
+
+def make_m2d(batch, d, n, L, dtype, options, seed):
+    a, b = make(batch, d, n, L, dtype, seed=seed), make(batch, d, n, L, dtype, seed=seed + 1)
+    x = dict(u=a["u"], delta_h=a["delta"], delta_v=b["delta"], A_h=a["A"], A_v=b["A"], B_h=a["B"], B_v=b["B"],
+             C=a["C"])
+    if options:
+        x.update(D=make(1, d, 1, 1, torch.float32, options=True, seed=seed)["D"], z=b["u"].clone(),
+                 delta_softplus=True)
+    return x
+
+
+@pytest.mark.parametrize("options", [False, True], ids=["plain", "D-z-softplus"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("height,width", [(1, 1), (1, 37), (37, 1), (13, 29), (64, 64)])
+def test_m2d_matches_reference(height, width, dtype, options):
+    x = make_m2d(2, 3, 6, height * width, dtype, options, seed=height * width)
+    compare(ops.wavefront_scan_m2d, ops.wavefront_scan_m2d_ref, x, dict(height=height, width=width), TOL[dtype])
+
+
+def test_forward_keeps_no_per_state_tensor():
+    """Saved for backward: inputs plus checkpoints of L*d*n/STRIP floats, not the (L, d, n) states."""
+    x = make(1, 64, 16, 96 * 96, torch.bfloat16)
+    leaves = {k: (v.requires_grad_() if k == "u" else v) for k, v in x.items()}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = ops.selective_scan_2d(**leaves, height=96, width=96)
+    held = torch.cuda.memory_allocated() - before
+    states = 96 * 96 * 64 * 16 * 4
+    assert held < states / 2, f"forward holds {held} bytes; all states would be {states}"
+    y.float().sum().backward()

@@ -1,0 +1,116 @@
+"""The pure-PyTorch scans (ops/reference.py) against closed forms, loops and each other; CPU only."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops
+from ops.reference import selective_scan_1d_ref, selective_scan_2d_ref, wavefront_scan_m2d_ref
+
+F64 = torch.float64
+
+
+def inputs(batch=2, d=4, n=3, L=12, groups=None, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    shape_bc = (batch, n, L) if groups is None else (batch, groups, n, L)
+    return dict(
+        u=torch.randn(batch, d, L, generator=g, dtype=dtype),
+        delta=torch.rand(batch, d, L, generator=g, dtype=dtype) * 0.8 + 0.1,
+        A=-torch.rand(d, n, generator=g, dtype=dtype) * 2 - 0.1,
+        B=torch.randn(*shape_bc, generator=g, dtype=dtype),
+        C=torch.randn(*shape_bc, generator=g, dtype=dtype),
+    )
+
+
+def test_constant_decay_is_manhattan_distance():
+    for height, width in [(3, 3), (7, 5)]:
+        x = inputs(batch=1, d=2, n=3, L=height * width, seed=height)
+        x["delta"] = torch.full_like(x["delta"], 0.5)  # constant dA = exp(0.5 A) per (d, n)
+        y = selective_scan_2d_ref(**x, height=height, width=width)
+        dA = torch.exp(0.5 * x["A"])  # (d, n)
+        dBu = 0.5 * x["u"][:, :, None, :] * x["B"][:, None]  # (1, d, n, L)
+        ii, jj = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        ii, jj = ii.flatten(), jj.flatten()
+        dist = (ii[:, None] - ii[None, :]) + (jj[:, None] - jj[None, :])  # [l, l'] = (i-i') + (j-j')
+        before = (ii[:, None] >= ii[None, :]) & (jj[:, None] >= jj[None, :])
+        weight = torch.where(before, dA[..., None, None] ** dist.clamp(min=0), torch.zeros((), dtype=F64))
+        h = torch.einsum("dnlm,bdnm->bdnl", weight, dBu)
+        expected = (h * x["C"][:, None]).sum(2)
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("height,width", [(1, 9), (9, 1)])
+def test_single_row_or_column_is_the_1d_scan(height, width):
+    x = inputs(L=height * width)
+    torch.testing.assert_close(selective_scan_2d_ref(**x, height=height, width=width), selective_scan_1d_ref(**x))
+
+
+def test_grouped_B_C_equal_per_group_scans():
+    x = inputs(d=4, groups=2, L=12)
+    y = selective_scan_2d_ref(**x, height=3, width=4)
+    for grp in range(2):
+        part = dict(x, u=x["u"][:, 2 * grp:2 * grp + 2], delta=x["delta"][:, 2 * grp:2 * grp + 2],
+                    A=x["A"][2 * grp:2 * grp + 2], B=x["B"][:, grp], C=x["C"][:, grp])
+        torch.testing.assert_close(y[:, 2 * grp:2 * grp + 2], selective_scan_2d_ref(**part, height=3, width=4))
+
+
+def test_D_z_bias_softplus_compose_as_documented():
+    x = inputs(L=12)
+    D, z, bias = torch.randn(4, dtype=F64), torch.randn(2, 4, 12, dtype=F64), torch.randn(4, dtype=F64)
+    got = selective_scan_2d_ref(**x, D=D, z=z, delta_bias=bias, delta_softplus=True, height=4, width=3)
+    core = selective_scan_2d_ref(**dict(x, delta=F.softplus(x["delta"] + bias[:, None])), height=4, width=3)
+    torch.testing.assert_close(got, (core + D[:, None] * x["u"]) * F.silu(z))
+
+
+def test_gradcheck_2d_every_input():
+    x = inputs(batch=1, d=2, n=2, L=6, groups=1)
+    D, z, bias = torch.randn(2, dtype=F64), torch.randn(1, 2, 6, dtype=F64), torch.randn(2, dtype=F64)
+    args = [t.requires_grad_() for t in (x["u"], x["delta"], x["A"], x["B"], x["C"], D, z, bias)]
+
+    def f(u, delta, A, B, C, D, z, bias):
+        return selective_scan_2d_ref(u, delta, A, B, C, D, z, bias, True, height=2, width=3)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def loop_m2d(u, dh, dv, Ah, Av, Bh, Bv, C, height, width):
+    """Eq. 14 cell by cell, the most literal form."""
+    b, d, _ = u.shape
+    n = Ah.shape[1]
+    h = torch.zeros(b, d, n, height, width, dtype=u.dtype)
+    y = torch.zeros(b, d, height, width, dtype=u.dtype)
+    for i in range(height):
+        for j in range(width):
+            l = i * width + j
+            up = h[..., i - 1, j] if i else 0
+            left = h[..., i, j - 1] if j else 0
+            bu = (dv[:, :, l, None] * Bv[:, None, :, l] + dh[:, :, l, None] * Bh[:, None, :, l]) * u[:, :, l, None]
+            h[..., i, j] = 0.5 * (torch.exp(dv[:, :, l, None] * Av) * up + torch.exp(dh[:, :, l, None] * Ah) * left + bu)
+            y[:, :, i, j] = (h[..., i, j] * C[:, None, :, l]).sum(-1)
+    return y.reshape(b, d, -1)
+
+
+@pytest.mark.parametrize("height,width", [(3, 4), (1, 5), (5, 1)])
+def test_m2d_reference_is_equation_14(height, width):
+    x, x2 = inputs(L=height * width, seed=1), inputs(L=height * width, seed=2)
+    args = (x["u"], x["delta"], x2["delta"], x["A"], x2["A"], x["B"], x2["B"], x["C"])
+    got = wavefront_scan_m2d_ref(*args, height=height, width=width)
+    torch.testing.assert_close(got, loop_m2d(*args, height, width))
+
+
+def test_m2d_gradcheck():
+    x, x2 = inputs(batch=1, d=2, n=2, L=6, seed=3), inputs(batch=1, d=2, n=2, L=6, seed=4)
+    args = [t.requires_grad_() for t in (x["u"], x["delta"], x2["delta"], x["A"], x2["A"], x["B"], x2["B"], x["C"])]
+    assert torch.autograd.gradcheck(lambda *a: wavefront_scan_m2d_ref(*a, height=2, width=3), args)
+
+
+def test_public_functions_on_cpu_are_the_references():
+    x = inputs(dtype=torch.float32, L=12)
+    torch.testing.assert_close(ops.selective_scan_2d(**x, height=3, width=4), selective_scan_2d_ref(**x, height=3, width=4))
+    torch.testing.assert_close(ops.selective_scan_1d(**x), selective_scan_1d_ref(**x))
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not match L"):
+        selective_scan_2d_ref(**inputs(L=12), height=5, width=3)
