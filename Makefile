@@ -46,3 +46,8 @@ report: setup
 
 clean:
 	rm -rf build demo_out bench_out outputs multirun .pytest_cache
+
+# Training-step benchmark (2DMambaMIL, MambaMIL, ABMIL on a 200x200-cell slide); on a CPU pass e.g.
+# ARGS="--side 24 --cells 300 --dim 64 --steps 5"
+bench-train: setup
+	$(PY) scripts/bench_train.py $(ARGS)
