@@ -300,8 +300,8 @@ def main(cfg: DictConfig) -> None:
     try:
         run_fold(cfg)
     except EXPECTED_ERRORS as err:  # bad input: one clear line, not a traceback
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
+        log.error("%s", err)  # to the console and the fold's train.log
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ class Mamba2DMIL(nn.Module):
 
     def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
         lattice = build_lattice(grid, self.max_cells)
-        cells = place_on_lattice(self.embed(features), lattice, self.pad)
+        # The residual stream stays float32 under bf16 autocast (as Mamba's residual_in_fp32): exact cell means,
+        # and RMSNorm sees matching dtypes (its fused kernel).
+        cells = place_on_lattice(self.embed(features).float(), lattice, self.pad)
         shape = (lattice.height, lattice.width)
         x = cells.view(1, *shape, -1)
         if self.column_first:  # scanning the transposed lattice row-first = the original one column-first

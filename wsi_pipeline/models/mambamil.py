@@ -31,7 +31,7 @@ class MambaMIL(nn.Module):
         return [rows, rows.flip(0), cols, cols.flip(0)][: self.directions]
 
     def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
-        x = self.embed(features)
+        x = self.embed(features).float()  # float32 residual stream under bf16 autocast, as in mamba2d
         orders = self._orders(grid)
         for blocks in self.layers:
             update = torch.zeros_like(x)
