@@ -35,7 +35,7 @@ def survival_cohort(tmp_path_factory):
 def overrides(cohort, run_dir, model="abmil", task="demo", *extra) -> list[str]:
     return [f"task={task}", f"model={model}", f"features={cohort.features}", f"task.labels_csv={cohort.labels}",
             f"task.splits_dir={cohort.splits}", f"run_dir={run_dir}", "model.d_model=16", "model.dropout=0.1",
-            "train.epochs=2", "train.lr=1e-3", "train.cache=true", *extra]
+            "train.epochs=2", "train.lr=1e-3", "train.cache=true", "train.workers=0", *extra]
 
 
 def test_a_fold_writes_the_design_files(cohort, tmp_path):
@@ -113,14 +113,14 @@ def test_nan_loss_stops_names_the_slide_and_keeps_the_good_checkpoint(cohort, tm
 
 
 def test_cli_sweep_with_submitit_local_and_a_clear_error(cohort, tmp_path):
-    args = [sys.executable, "-m", "wsi_pipeline.train", "-m", *overrides(cohort, tmp_path, "abmil"), "fold=0,1",
-            "hydra/launcher=submitit_local", "train.epochs=1"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    train = [sys.executable, "-m", "wsi_pipeline.train"]
+    sweep = ["-m", *overrides(cohort, tmp_path, "abmil"), "fold=0,1", "hydra/launcher=submitit_local",
+             "train.epochs=1", "train.workers=1"]
+    result = subprocess.run(train + sweep, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert pd.read_csv(tmp_path / "summary.csv").fold.astype(str).tolist() == ["0", "1", "mean", "std"]
-    bad = [a if not a.startswith("features=") else f"features={tmp_path}/nowhere" for a in args[3:]]
-    result = subprocess.run([sys.executable, "-m", "wsi_pipeline.train", *bad[:-3], f"run_dir={tmp_path}/bad"],
-                            capture_output=True, text=True, timeout=120)
+    no_features = overrides(cohort, tmp_path / "bad", "abmil", "demo", f"features={tmp_path}/nowhere")
+    result = subprocess.run(train + no_features, capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "no features for 16 labelled slide(s)" in output
     assert "Traceback" not in output

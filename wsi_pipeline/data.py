@@ -147,7 +147,7 @@ class Bag:
 
     slide_id: str
     case_id: str
-    features: torch.Tensor  # (N, D) float32
+    features: torch.Tensor  # (N, D) float16 or float32, as stored
     grid: torch.Tensor  # (N, 2) long
     target: dict[str, torch.Tensor]
 
@@ -173,7 +173,8 @@ class FeatureBags(Dataset):
             return self._memory[i]
         row = self.frame.iloc[i]
         grid = read_features(row.path)
-        bag = Bag(str(row.slide_id), str(row.case_id), torch.from_numpy(np.asarray(grid.features, np.float32)),
+        # Features keep their stored dtype (float16 halves the host-to-GPU copy); the trainer casts on the device.
+        bag = Bag(str(row.slide_id), str(row.case_id), torch.from_numpy(np.ascontiguousarray(grid.features)),
                   torch.from_numpy(grid.grid.astype(np.int64)), self._target(row))
         if self.cache:
             self._memory[i] = bag

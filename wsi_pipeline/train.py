@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import data
@@ -84,6 +85,7 @@ class TrainSettings:
     amp: bool = True  # bf16 autocast, on CUDA only
     seed: int = 0
     device: str = "cpu"
+    workers: int = 0  # processes reading feature files ahead of the GPU (0: read in the training loop)
 
 
 def seed_everything(seed: int) -> None:
@@ -100,17 +102,27 @@ def _autocast(settings: TrainSettings) -> contextlib.AbstractContextManager:
 
 def _forward(model: torch.nn.Module, bag: Bag, settings: TrainSettings):
     with _autocast(settings):
-        return model(bag.features.to(settings.device, non_blocking=True), bag.grid.to(settings.device))
+        return model(bag.features.to(settings.device).float(), bag.grid.to(settings.device))
+
+
+def _bags_in(bags: FeatureBags, order: list[int], settings: TrainSettings) -> DataLoader:
+    """Slides one at a time in `order`, read ahead by `settings.workers` processes."""
+    return DataLoader(bags, batch_size=None, sampler=order, num_workers=settings.workers,
+                      collate_fn=_as_is)
+
+
+def _as_is(bag: Bag) -> Bag:  # module level, so spawned workers can unpickle it
+    return bag
 
 
 def train_epoch(model, bags: FeatureBags, task: Task, optimizer, settings: TrainSettings, epoch: int,
                 last_good: str) -> float:
     """One pass over the training slides in a seeded order; raises NonFiniteLoss at the first NaN/inf loss."""
     model.train()
-    order = np.random.default_rng(settings.seed * 1000 + epoch).permutation(len(bags))
+    order = np.random.default_rng(settings.seed * 1000 + epoch).permutation(len(bags)).tolist()
     losses = []
-    for step, i in enumerate(tqdm(order, desc=f"epoch {epoch}", leave=False, disable=None)):
-        bag = bags[int(i)]
+    loader = _bags_in(bags, order, settings)
+    for step, bag in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
         out = _forward(model, bag, settings)
         loss = LOSSES[task.type](out.logits, _to(bag, settings.device), task)
         if not torch.isfinite(loss):
@@ -133,8 +145,7 @@ def predict(model, bags: FeatureBags, task: Task, settings: TrainSettings) -> tu
     """DESIGN.md predictions table of a split, and each slide's attention (N,) float32."""
     model.eval()
     rows, attention = [], {}
-    for i in range(len(bags)):
-        bag = bags[i]
+    for i, bag in enumerate(_bags_in(bags, list(range(len(bags))), settings)):
         out = _forward(model, bag, settings)
         ids = bags.frame.iloc[i][ID_COLUMNS[task.type]].to_dict()
         rows.append({**ids, **OUTPUT_COLUMNS[task.type](out.logits)})
@@ -247,7 +258,8 @@ def run_fold(cfg: DictConfig) -> dict | None:
 def _settings(cfg: DictConfig) -> TrainSettings:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     t = cfg.train
-    return TrainSettings(int(t.epochs), float(t.lr), float(t.weight_decay), bool(t.amp), int(cfg.seed), device)
+    return TrainSettings(int(t.epochs), float(t.lr), float(t.weight_decay), bool(t.amp), int(cfg.seed), device,
+                         int(t.workers))
 
 
 def _evaluate(model, splits, task, settings, fold_dir: Path, result: dict, run_dir: Path) -> dict:
