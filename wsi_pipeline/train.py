@@ -194,10 +194,6 @@ def _fmt(metrics: dict[str, float]) -> str:
 # ------------------------------------------------------------------------------------- one fold on disk
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.run_dir)
-
-
 def _check_run_config(cfg: DictConfig, run_dir: Path) -> None:
     """config.yaml records the run (features dir included); folds of one run dir must share it."""
     current = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in FOLD_KEYS}
@@ -235,7 +231,7 @@ def run_fold(cfg: DictConfig) -> dict | None:
     if OmegaConf.is_missing(cfg, "features"):
         raise DataError("features= is required: the folder of <slide_id>.h5 feature files (features/<encoder>/)")
     task = Task(**OmegaConf.to_container(cfg.task, resolve=True))
-    run_dir = run_dir_of(cfg)
+    run_dir = Path(cfg.run_dir)
     fold_dir = run_dir / f"fold_{cfg.fold}"
     _check_run_config(cfg, run_dir)
     if (fold_dir / "metrics.json").is_file() and not cfg.overwrite:
