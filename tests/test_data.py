@@ -43,6 +43,11 @@ def test_unknown_labels_are_listed(cohort, tmp_path):
         read_labels(task)
 
 
+def test_task_yaml_with_an_unknown_key_is_named(cohort):
+    with pytest.raises(DataError, match=r"unknown key\(s\) \['labels_file'\]"):
+        Task.from_config({"name": "t", "labels_file": "x.csv"})
+
+
 def test_missing_columns_and_missing_file(cohort, tmp_path):
     no_label = tmp_path / "no_label.csv"
     pd.read_csv(cohort.labels).drop(columns="label").to_csv(no_label, index=False)

@@ -53,6 +53,15 @@ class Task:
         self.label_map = {str(k): int(v) for k, v in dict(self.label_map).items()}
         self.metrics = list(self.metrics)
 
+    @classmethod
+    def from_config(cls, values: dict) -> "Task":
+        """A task YAML as a Task; unknown keys are named rather than failing with a TypeError."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DataError(f"task {values.get('name')}: unknown key(s) {unknown}; a task YAML may hold {sorted(known)}")
+        return cls(**values)
+
     @property
     def n_outputs(self) -> int:
         return self.n_bins if self.type == "survival" else len(set(self.label_map.values()))

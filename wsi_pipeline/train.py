@@ -230,7 +230,7 @@ def run_fold(cfg: DictConfig) -> dict | None:
     """Train and evaluate fold `cfg.fold`; None when it was already finished (resume)."""
     if OmegaConf.is_missing(cfg, "features"):
         raise DataError("features= is required: the folder of <slide_id>.h5 feature files (features/<encoder>/)")
-    task = Task(**OmegaConf.to_container(cfg.task, resolve=True))
+    task = Task.from_config(OmegaConf.to_container(cfg.task, resolve=True))
     run_dir = Path(cfg.run_dir)
     fold_dir = run_dir / f"fold_{cfg.fold}"
     _check_run_config(cfg, run_dir)
