@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,15 @@ from wsi_pipeline.train import NonFiniteLoss, RunDirMismatch, compose_config, ru
 
 CLASSIFICATION_COLUMNS = ["case_id", "slide_id", "label", "pred", "prob_0", "prob_1"]
 SURVIVAL_COLUMNS = ["case_id", "slide_id", "survival_months", "censorship", "risk", "surv_0", "surv_1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and it does not spin against other processes on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +126,12 @@ def test_cli_sweep_with_submitit_local_and_a_clear_error(cohort, tmp_path):
     train = [sys.executable, "-m", "wsi_pipeline.train"]
     sweep = ["-m", *overrides(cohort, tmp_path, "abmil"), "fold=0,1", "hydra/launcher=submitit_local",
              "train.epochs=1", "train.workers=1"]
-    result = subprocess.run(train + sweep, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(train + sweep, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert pd.read_csv(tmp_path / "summary.csv").fold.astype(str).tolist() == ["0", "1", "mean", "std"]
     no_features = overrides(cohort, tmp_path / "bad", "abmil", "demo", f"features={tmp_path}/nowhere")
-    result = subprocess.run(train + no_features, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(train + no_features, capture_output=True, text=True, timeout=120, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "no features for 16 labelled slide(s)" in output
     assert "Traceback" not in output
