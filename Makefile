@@ -62,3 +62,8 @@ clean:
 # in bench_out/. CPU-sized by default; on a GPU machine: make bench-extract ARGS="--size 61440 --copies 8 --encoder uni --random-weights"
 bench-extract: setup
 	$(PY) scripts/bench_extract.py $(ARGS)
+
+# Training-step benchmark (2DMambaMIL, MambaMIL, ABMIL on a 200x200-cell slide); on a CPU pass e.g.
+# ARGS="--side 24 --cells 300 --dim 64 --steps 5"
+bench-train: setup
+	$(PY) scripts/bench_train.py $(ARGS)

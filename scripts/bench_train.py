@@ -1,0 +1,96 @@
+"""ms per training step (forward + backward + AdamW) and peak GPU memory for MIL models on one generated slide.
+
+    python scripts/bench_train.py                       # 200 x 200 lattice, ~20 000 tissue cells, 1024-d
+    python scripts/bench_train.py --side 24 --cells 300 --dim 64 --steps 5   # small, for a CPU
+
+Every model is built from its configs/model/<name>.yaml (the trainer's defaults), trained on the same slide in
+one process, bf16 autocast on CUDA as in the trainer. The features sit on the device already (the step only).
+Prints one line per model and, with --json, writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wsi_pipeline.feature_grids import tissue_cells  # noqa: E402
+from wsi_pipeline.models import create_model  # noqa: E402
+
+
+def model_config(name: str) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml"))
+    cfg.pop("name")
+    return cfg
+
+
+def bench_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, warmup: int, amp: bool) -> dict:
+    device = feats.device
+    torch.manual_seed(0)
+    model = create_model(name, in_dim=feats.shape[1], n_classes=2, **model_config(name)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    label = torch.tensor([1], device=device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
+            logits = model(feats, grid).logits
+        loss = torch.nn.functional.cross_entropy(logits.float()[None], label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
+    return {"model": name, "ms_per_step": statistics.median(times), "ms_min": min(times), "peak_mib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--side", type=int, default=200, help="lattice rows = cols (default 200)")
+    parser.add_argument("--cells", type=int, default=20_000, help="tissue cells on it (default 20000)")
+    parser.add_argument("--dim", type=int, default=1024, help="feature dimension (default 1024, UNI)")
+    parser.add_argument("--models", default="mamba2d,mambamil,abmil")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of bf16 autocast")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    grid = torch.from_numpy(tissue_cells(args.side, args.side, args.cells, rng)).to(args.device)
+    feats = torch.from_numpy(rng.normal(0, 1, (len(grid), args.dim)).astype(np.float32)).to(args.device)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"slide: {args.side}x{args.side} lattice, {len(grid)} tissue cells, {args.dim}-d features; "
+          f"device {device_name}; {'fp32' if args.no_amp else 'bf16 autocast'} on CUDA; "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    results = [bench_model(name, feats, grid, args.steps, args.warmup, not args.no_amp)
+               for name in args.models.split(",")]
+    base = next((r["ms_per_step"] for r in results if r["model"] == "abmil"), None)
+    for r in results:
+        ratio = f"{r['ms_per_step'] / base:5.2f}x ABMIL" if base else ""
+        print(f"{r['model']:>16}: {r['ms_per_step']:9.2f} ms/step (min {r['ms_min']:.2f})  "
+              f"peak {r['peak_mib']:8.1f} MiB  {ratio}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "device": device_name,
+                                         "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

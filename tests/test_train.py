@@ -1,0 +1,137 @@
+"""The trainer end to end on a small generated cohort: run-dir files, resume, determinism, bad input, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from wsi_pipeline.feature_grids import write_cohort
+from wsi_pipeline.h5io import read_features, write_features
+from wsi_pipeline.models import create_model
+from wsi_pipeline.train import NonFiniteLoss, RunDirMismatch, compose_config, run_fold
+
+CLASSIFICATION_COLUMNS = ["case_id", "slide_id", "label", "pred", "prob_0", "prob_1"]
+SURVIVAL_COLUMNS = ["case_id", "slide_id", "survival_months", "censorship", "risk", "surv_0", "surv_1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and it does not spin against other processes on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_cohort(tmp_path_factory.mktemp("cohort"), n_cases=16, k=2)
+
+
+@pytest.fixture(scope="module")
+def survival_cohort(tmp_path_factory):
+    return write_cohort(tmp_path_factory.mktemp("surv"), n_cases=16, k=2, survival=True)
+
+
+def overrides(cohort, run_dir, model="abmil", task="demo", *extra) -> list[str]:
+    return [f"task={task}", f"model={model}", f"features={cohort.features}", f"task.labels_csv={cohort.labels}",
+            f"task.splits_dir={cohort.splits}", f"run_dir={run_dir}", "model.d_model=16", "model.dropout=0.1",
+            "train.epochs=2", "train.lr=1e-3", "train.cache=true", "train.workers=0", *extra]
+
+
+def test_a_fold_writes_the_design_files(cohort, tmp_path):
+    cfg = compose_config(overrides(cohort, tmp_path / "run", "mamba2d"))
+    metrics = run_fold(cfg)
+    fold = tmp_path / "run" / "fold_0"
+    test = pd.read_csv(fold / "predictions_test.csv", dtype={"case_id": str, "slide_id": str})
+    assert list(pd.read_csv(fold / "predictions_val.csv").columns) == CLASSIFICATION_COLUMNS
+    assert list(test.columns) == CLASSIFICATION_COLUMNS
+    assert np.allclose(test[["prob_0", "prob_1"]].sum(axis=1), 1, atol=1e-5)
+    assert json.loads((fold / "metrics.json").read_text())["test"] == metrics["test"]
+    assert set(metrics["test"]) == {"accuracy", "balanced_accuracy", "macro_f1", "macro_auc"}
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert saved.features == str(cohort.features) and saved.task.type == "classification" and "fold" not in saved
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv")
+    assert summary.fold.astype(str).tolist() == ["0", "mean", "std"]
+    with h5py.File(fold / "attention_test.h5", "r") as f:
+        assert sorted(f) == sorted(test.slide_id)
+        for slide_id in test.slide_id:
+            weights = f[slide_id][:]
+            assert weights.dtype == np.float32 and weights.sum() == pytest.approx(1, abs=1e-4)
+            assert weights.shape == (len(read_features(cohort.features / f"{slide_id}.h5").grid),)
+    checkpoint = torch.load(fold / "model.pt", weights_only=False)
+    model = create_model(checkpoint["model"], in_dim=checkpoint["in_dim"], n_classes=checkpoint["n_classes"],
+                         **checkpoint["model_cfg"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    first = read_features(cohort.features / f"{test.slide_id[0]}.h5")
+    with torch.no_grad():
+        logits = model(torch.from_numpy(first.features.astype(np.float32)), torch.from_numpy(first.grid)).logits
+    assert torch.softmax(logits, -1)[1].item() == pytest.approx(test.prob_1[0], abs=1e-5)
+
+
+def test_survival_fold_and_same_config_gives_same_metrics(survival_cohort, tmp_path):
+    runs = [run_fold(compose_config(overrides(survival_cohort, tmp_path / name, "mamba2d", "demo_survival")))
+            for name in ("a", "b")]
+    assert runs[0]["test"] == runs[1]["test"] and runs[0]["train_loss"] == runs[1]["train_loss"]
+    test = pd.read_csv(tmp_path / "a" / "fold_0" / "predictions_test.csv")
+    assert list(test.columns) == SURVIVAL_COLUMNS
+    assert np.allclose(test.risk, -(test.surv_0 + test.surv_1), atol=1e-5)
+    assert 0 <= runs[0]["test"]["c_index"] <= 1
+
+
+def test_a_resumed_sweep_skips_finished_folds(cohort, tmp_path):
+    for fold in (0, 1):
+        assert run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", f"fold={fold}"))) is not None
+    checkpoint = tmp_path / "fold_0" / "model.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    (tmp_path / "summary.csv").unlink()
+    assert run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", "fold=0"))) is None
+    assert checkpoint.stat().st_mtime_ns == stamp
+    summary = pd.read_csv(tmp_path / "summary.csv", index_col="fold")  # rebuilt from the fold dirs present
+    assert list(summary.index) == ["0", "1", "mean", "std"]
+    assert summary.loc["mean", "accuracy"] == pytest.approx(summary.loc[["0", "1"], "accuracy"].astype(float).mean())
+    with pytest.raises(RunDirMismatch, match="train"):
+        run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", "fold=1", "train.lr=0.5")))
+
+
+def test_nan_loss_stops_names_the_slide_and_keeps_the_good_checkpoint(cohort, tmp_path):
+    run_fold(compose_config(overrides(cohort, tmp_path / "run", "abmil")))
+    good = torch.load(tmp_path / "run" / "fold_0" / "model.pt", weights_only=False)["state_dict"]
+    poisoned = tmp_path / "features"
+    shutil.copytree(cohort.features, poisoned)
+    train_case = pd.read_csv(cohort.splits / "splits_0.csv", dtype=str)["train"].dropna().iloc[0]
+    slide_id = train_case.replace("case", "slide")
+    grid = read_features(poisoned / f"{slide_id}.h5")
+    grid.features[:] = np.nan
+    write_features(poisoned / f"{slide_id}.h5", grid)
+    cfg = compose_config(overrides(cohort, tmp_path / "run", "abmil", "demo", f"features={poisoned}", "overwrite=true"))
+    with pytest.raises(NonFiniteLoss, match=rf"slide {slide_id} at epoch 0, step \d+"):
+        run_fold(cfg)
+    kept = torch.load(tmp_path / "run" / "fold_0" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+    assert not (tmp_path / "run" / "fold_0" / "metrics.json").exists()
+
+
+def test_cli_sweep_with_submitit_local_and_a_clear_error(cohort, tmp_path):
+    train = [sys.executable, "-m", "wsi_pipeline.train"]
+    sweep = ["-m", *overrides(cohort, tmp_path, "abmil"), "fold=0,1", "hydra/launcher=submitit_local",
+             "train.epochs=1", "train.workers=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(train + sweep, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pd.read_csv(tmp_path / "summary.csv").fold.astype(str).tolist() == ["0", "1", "mean", "std"]
+    no_features = overrides(cohort, tmp_path / "bad", "abmil", "demo", f"features={tmp_path}/nowhere")
+    result = subprocess.run(train + no_features, capture_output=True, text=True, timeout=120, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "no features for 16 labelled slide(s)" in output
+    assert "Traceback" not in output

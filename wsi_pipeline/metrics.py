@@ -1,0 +1,80 @@
+"""Slide-level metrics, computed with scikit-learn and scikit-survival; a registry so a task names its metrics.
+
+Every metric takes the predictions table of DESIGN.md (`label, pred, prob_*` for classification;
+`survival_months, censorship, risk` for survival) and returns one float.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+from sksurv.metrics import concordance_index_censored
+
+Metric = Callable[[pd.DataFrame], float]
+_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(fn: Metric) -> Metric:
+    _METRICS[fn.__name__] = fn
+    return fn
+
+
+def probabilities(pred: pd.DataFrame) -> np.ndarray:
+    cols = sorted((c for c in pred.columns if c.startswith("prob_")), key=lambda c: int(c.split("_")[1]))
+    return pred[cols].to_numpy(dtype=float)
+
+
+@register_metric
+def accuracy(pred: pd.DataFrame) -> float:
+    return float(accuracy_score(pred["label"], pred["pred"]))
+
+
+@register_metric
+def balanced_accuracy(pred: pd.DataFrame) -> float:
+    return float(balanced_accuracy_score(pred["label"], pred["pred"]))
+
+
+@register_metric
+def macro_f1(pred: pd.DataFrame) -> float:
+    return float(f1_score(pred["label"], pred["pred"], average="macro"))
+
+
+@register_metric
+def macro_auc(pred: pd.DataFrame) -> float:
+    """Macro one-vs-rest ROC AUC over the classes present; NaN when only one class is present."""
+    prob, labels = probabilities(pred), pred["label"].to_numpy()
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    if prob.shape[1] == 2:
+        return float(roc_auc_score(labels, prob[:, 1]))
+    present = np.unique(labels)
+    return float(np.mean([roc_auc_score(labels == k, prob[:, k]) for k in present]))
+
+
+@register_metric
+def qwk(pred: pd.DataFrame) -> float:
+    """Quadratic weighted Cohen's kappa (PANDA's ISUP grades are ordinal)."""
+    return float(cohen_kappa_score(pred["label"], pred["pred"], weights="quadratic"))
+
+
+@register_metric
+def c_index(pred: pd.DataFrame) -> float:
+    """Harrell's concordance of `risk` with survival; censorship 1 = censored, so event = 1 - censorship."""
+    event = pred["censorship"].to_numpy() == 0
+    if not event.any():
+        return float("nan")
+    return float(concordance_index_censored(event, pred["survival_months"].to_numpy(float),
+                                            pred["risk"].to_numpy(float))[0])
+
+
+def list_metrics() -> list[str]:
+    return sorted(_METRICS)
+
+
+def compute_metrics(names: list[str], pred: pd.DataFrame) -> dict[str, float]:
+    unknown = [n for n in names if n not in _METRICS]
+    if unknown:
+        raise KeyError(f"unknown metric(s) {unknown}; registered: {list_metrics()}")
+    return {name: _METRICS[name](pred) for name in names}

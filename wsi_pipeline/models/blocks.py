@@ -1,0 +1,188 @@
+"""Blocks the MIL models share: input embedding, gated attention pooling, the lattice, the Mamba block.
+
+The Mamba block is parametrised by its scan kind (`"1d"`: causal conv + `ops.selective_scan_1d` over a
+sequence; `"2d"`: depthwise 3x3 conv on the lattice + `ops.selective_scan_2d`), so MambaMIL and
+2DMambaMIL share every line but the mixer. The scans are looked up in `ops` at call time, so the CUDA
+kernels that replace the references behind the same names are picked up without touching this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ops
+
+
+@dataclass
+class MILOutput:
+    logits: torch.Tensor  # (n_classes,) class logits, or hazard logits for survival
+    attention: torch.Tensor  # (N,) one weight per input row, softmax-normalised over tissue
+
+
+def survival_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Discrete-time survival head: hazards h = sigmoid(logits), S = cumprod(1 - h), risk = -sum(S)."""
+    hazards = torch.sigmoid(logits)
+    surv = torch.cumprod(1 - hazards, dim=-1)
+    return hazards, surv, -surv.sum(dim=-1)
+
+
+def embed(in_dim: int, d_model: int, dropout: float) -> nn.Sequential:
+    """Frozen-encoder features to the model width: Linear + GELU + dropout."""
+    return nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
+
+
+class GatedAttentionPool(nn.Module):
+    """Ilse et al.'s gated attention: a = w^T (tanh(V h) * sigmoid(U h)); pooled = sum softmax(a) h.
+
+    `mask` (L,) bool keeps padding cells out of the softmax; without it every row takes part.
+    """
+
+    def __init__(self, d_model: int, hidden: int = 128, dropout: float = 0.0):
+        super().__init__()
+        self.v = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.u = nn.Sequential(nn.Linear(d_model, hidden), nn.Sigmoid(), nn.Dropout(dropout))
+        self.w = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.w(self.v(h) * self.u(h)).squeeze(-1).float()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=0)
+        return weights.to(h.dtype) @ h, weights
+
+
+# ---------------------------------------------------------------------------------------------- lattice
+
+
+@dataclass
+class Lattice:
+    """Where each input row sits on the (cropped, possibly coarsened) lattice of height x width cells."""
+
+    cell: torch.Tensor  # (N,) long, row-major cell index of each input row
+    count: torch.Tensor  # (height * width,) rows per cell; 0 = background (padding)
+    height: int
+    width: int
+    stride: int  # lattice cells per side merged into one (1 = the slide's own lattice)
+
+    @property
+    def occupied(self) -> torch.Tensor:
+        return self.count > 0
+
+
+def build_lattice(grid: torch.Tensor, max_cells: int) -> Lattice:
+    """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at
+    most `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged)."""
+    rc = grid.long() - grid.long().min(dim=0).values
+    height, width = (int(v) + 1 for v in rc.max(dim=0).values)
+    stride = 1
+    while math.ceil(height / stride) * math.ceil(width / stride) > max_cells:
+        stride += 1
+    rc = rc // stride
+    height, width = math.ceil(height / stride), math.ceil(width / stride)
+    cell = rc[:, 0] * width + rc[:, 1]
+    return Lattice(cell, torch.bincount(cell, minlength=height * width), height, width, stride)
+
+
+def place_on_lattice(h: torch.Tensor, lattice: Lattice, pad: torch.Tensor) -> torch.Tensor:
+    """(N, d) rows → (height * width, d) cells: mean of the rows in each cell, `pad` (d,) where there are none."""
+    sums = h.new_zeros(lattice.height * lattice.width, h.shape[1]).index_add(0, lattice.cell, h)
+    count = lattice.count.clamp(min=1).to(h.dtype).unsqueeze(1)
+    return torch.where(lattice.occupied.unsqueeze(1), sums / count, pad.to(h.dtype))
+
+
+def row_attention(cell_weights: torch.Tensor, lattice: Lattice) -> torch.Tensor:
+    """Cell weights → one weight per input row (a cell's weight shared by its rows), renormalised to sum 1."""
+    rows = cell_weights[lattice.cell] / lattice.count[lattice.cell]
+    return rows / rows.sum().clamp(min=torch.finfo(rows.dtype).tiny)
+
+
+def raster_order(grid: torch.Tensor, column_major: bool = False) -> torch.Tensor:
+    """Permutation putting rows in raster order of the lattice (row by row, or column by column)."""
+    g = grid.long() - grid.long().min(dim=0).values
+    major, minor = (g[:, 1], g[:, 0]) if column_major else (g[:, 0], g[:, 1])
+    return torch.argsort(major * (int(minor.max()) + 1) + minor)
+
+
+# ---------------------------------------------------------------------------------------------- mamba
+
+
+class CausalConv1d(nn.Module):
+    """Mamba's depthwise causal conv over the sequence (kernel k, left padding k - 1)."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, kernel, padding=kernel - 1, groups=channels)
+
+    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, L, C)
+        return self.conv(u.transpose(1, 2))[..., : u.shape[1]].transpose(1, 2)
+
+
+class LatticeConv2d(nn.Module):
+    """Depthwise k x k conv on the lattice (zero padding at the border): the 2D analogue of Mamba's conv,
+    so a cell sees its 2D neighbours rather than its raster neighbours."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+
+    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, L, C)
+        b, _, c = u.shape
+        x = u.transpose(1, 2).reshape(b, c, *shape)
+        return self.conv(x).reshape(b, c, -1).transpose(1, 2)
+
+
+def _scan_1d(u, delta, A, B, C, D, z, delta_bias, shape):
+    return ops.selective_scan_1d(u, delta, A, B, C, D, z, delta_bias, True)
+
+
+def _scan_2d(u, delta, A, B, C, D, z, delta_bias, shape):
+    return ops.selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, True, height=shape[0], width=shape[1])
+
+
+SCAN_KINDS = {"1d": (CausalConv1d, _scan_1d), "2d": (LatticeConv2d, _scan_2d)}
+
+
+class MambaBlock(nn.Module):
+    """x + out_proj(scan(SiLU(conv(in_x)), z gating)) after RMSNorm; Mamba's parametrisation and init."""
+
+    def __init__(self, d_model: int, scan: str = "2d", d_state: int = 16, expand: int = 2, d_conv: int = 3,
+                 dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1):
+        super().__init__()
+        if scan not in SCAN_KINDS:
+            raise ValueError(f"scan must be one of {sorted(SCAN_KINDS)}, not {scan!r}")
+        conv, self._scan = SCAN_KINDS[scan]
+        d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.d_state = d_state
+        self.norm = nn.RMSNorm(d_model)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv = conv(d_inner, d_conv)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        # Mamba's init: S4D-real A = -(1..N), D = 1, dt log-uniform in [dt_min, dt_max] through softplus^-1.
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, L, d_model); `shape` = (height, width) of the lattice for the 2D scan."""
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        u = F.silu(self.conv(u, shape))
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)
+
+        def channels_first(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2).contiguous()
+
+        y = self._scan(channels_first(u), channels_first(delta), -torch.exp(self.A_log.float()),
+                       channels_first(B), channels_first(C), self.D.float(), channels_first(z),
+                       self.dt_proj.bias.float(), shape)
+        return x + self.out_proj(y.transpose(1, 2).to(x.dtype))

@@ -1,0 +1,65 @@
+"""2DMambaMIL (2DMamba, CVPR 2025): patch tokens on the slide's 2D lattice, 2D selective scan, attention pooling.
+
+Features → Linear + GELU + dropout → tokens placed on the lattice (cropped to the tissue bounding box;
+background cells hold a learnable or zero padding token) → U Mamba blocks whose mixer is a depthwise 3x3
+conv on the lattice and `ops.selective_scan_2d` (row-first: each row, then each column; column-first runs
+the same scan on the transposed lattice) → LayerNorm → gated attention over tissue cells → linear head.
+Slides larger than `max_cells` lattice cells are coarsened by an integer stride (rows sharing a coarse
+cell are averaged) so memory stays bounded; attention is then shared by the rows of a cell.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import register_model
+from .blocks import (GatedAttentionPool, MambaBlock, MILOutput, build_lattice, embed, place_on_lattice,
+                     row_attention)
+
+PAD_TOKENS = ("learnable", "zero")
+SCAN_ORDERS = ("row_first", "column_first")
+
+
+class Mamba2DMIL(nn.Module):
+    def __init__(self, in_dim: int, n_classes: int, d_model: int = 128, n_layers: int = 1, d_state: int = 16,
+                 expand: int = 2, d_conv: int = 3, dt_rank: int | str = "auto", dropout: float = 0.25,
+                 pad_token: str = "learnable", scan_order: str = "row_first", mask_padding: bool = True,
+                 attn_hidden: int = 128, max_cells: int = 160_000):
+        super().__init__()
+        if pad_token not in PAD_TOKENS or scan_order not in SCAN_ORDERS:
+            raise ValueError(f"pad_token must be one of {PAD_TOKENS} and scan_order one of {SCAN_ORDERS}, "
+                             f"not {pad_token!r} / {scan_order!r}")
+        self.embed = embed(in_dim, d_model, dropout)
+        self.pad = nn.Parameter(torch.zeros(d_model), requires_grad=pad_token == "learnable")
+        if pad_token == "learnable":
+            nn.init.normal_(self.pad, std=0.02)
+        self.blocks = nn.ModuleList(
+            MambaBlock(d_model, "2d", d_state, expand, d_conv, dt_rank) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.pool = GatedAttentionPool(d_model, attn_hidden)
+        self.head = nn.Linear(d_model, n_classes)
+        self.column_first, self.mask_padding, self.max_cells = scan_order == "column_first", mask_padding, max_cells
+
+    def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
+        lattice = build_lattice(grid, self.max_cells)
+        # The residual stream stays float32 under bf16 autocast (as Mamba's residual_in_fp32): exact cell means,
+        # and RMSNorm sees matching dtypes (its fused kernel).
+        cells = place_on_lattice(self.embed(features).float(), lattice, self.pad)
+        shape = (lattice.height, lattice.width)
+        x = cells.view(1, *shape, -1)
+        if self.column_first:  # scanning the transposed lattice row-first = the original one column-first
+            x, shape = x.transpose(1, 2), shape[::-1]
+        x = x.reshape(1, shape[0] * shape[1], -1)
+        for block in self.blocks:
+            x = block(x, shape)
+        x = x.view(1, *shape, -1)
+        if self.column_first:
+            x = x.transpose(1, 2)
+        x = self.norm(x.reshape(lattice.height * lattice.width, -1))
+        pooled, weights = self.pool(x, lattice.occupied if self.mask_padding else None)
+        return MILOutput(self.head(pooled), row_attention(weights, lattice))
+
+
+@register_model
+def mamba2d(**cfg) -> nn.Module:
+    return Mamba2DMIL(**cfg)

@@ -1,0 +1,316 @@
+"""Train and evaluate one MIL model on one fold of one task (Hydra app); folds are a multirun.
+
+    python -m wsi_pipeline.train task=panda model=mamba2d features=out/features/uni fold=0
+    python -m wsi_pipeline.train -m task=panda model=mamba2d features=... fold=0,1,2,3,4
+
+Writes, under `run_dir` (default runs/<task>/<model>): config.yaml, fold_<k>/{model.pt, metrics.json,
+predictions_val.csv, predictions_test.csv, attention_test.h5} and summary.csv (rebuilt from the fold dirs
+present after every fold, so a sweep resumes: finished folds are skipped unless overwrite=true).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import data
+from .data import Bag, DataError, FeatureBags, Task
+from .h5io import FormatError, atomic_path, read_attrs
+from .losses import cross_entropy, nll_survival
+from .metrics import compute_metrics
+from .models import create_model, survival_from_logits
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+FOLD_KEYS = ("fold", "overwrite")  # config keys that may differ between the folds of one run dir
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged; the message says where and which checkpoint is the last good one."""
+
+
+class RunDirMismatch(RuntimeError):
+    """The run dir holds folds trained with another configuration."""
+
+
+# ------------------------------------------------------------------------------------- per-task behaviour
+
+
+def _classification_loss(logits: torch.Tensor, bag: Bag, task: Task) -> torch.Tensor:
+    return cross_entropy(logits[None], bag.target["label"][None])
+
+
+def _survival_loss(logits: torch.Tensor, bag: Bag, task: Task) -> torch.Tensor:
+    return nll_survival(logits[None], bag.target["bin"][None], bag.target["censorship"][None], task.alpha)
+
+
+def _classification_columns(logits: torch.Tensor) -> dict[str, float]:
+    prob = torch.softmax(logits.float(), dim=-1)
+    return {"pred": int(prob.argmax()), **{f"prob_{c}": float(p) for c, p in enumerate(prob)}}
+
+
+def _survival_columns(logits: torch.Tensor) -> dict[str, float]:
+    _, surv, risk = survival_from_logits(logits.float())
+    return {"risk": float(risk), **{f"surv_{k}": float(s) for k, s in enumerate(surv)}}
+
+
+LOSSES = {"classification": _classification_loss, "survival": _survival_loss}
+OUTPUT_COLUMNS = {"classification": _classification_columns, "survival": _survival_columns}
+ID_COLUMNS = {"classification": ["case_id", "slide_id", "label"],
+              "survival": ["case_id", "slide_id", "survival_months", "censorship"]}
+
+
+# ------------------------------------------------------------------------------------- training loop
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 20
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    amp: bool = True  # bf16 autocast, on CUDA only
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0  # processes reading feature files ahead of the GPU (0: read in the training loop)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(settings: TrainSettings) -> contextlib.AbstractContextManager:
+    if settings.amp and settings.device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _forward(model: torch.nn.Module, bag: Bag, settings: TrainSettings):
+    with _autocast(settings):
+        return model(bag.features.to(settings.device).float(), bag.grid.to(settings.device))
+
+
+def _bags_in(bags: FeatureBags, order: list[int], settings: TrainSettings) -> DataLoader:
+    """Slides one at a time in `order`, read ahead by `settings.workers` processes."""
+    return DataLoader(bags, batch_size=None, sampler=order, num_workers=settings.workers,
+                      collate_fn=_as_is)
+
+
+def _as_is(bag: Bag) -> Bag:  # module level, so spawned workers can unpickle it
+    return bag
+
+
+def train_epoch(model, bags: FeatureBags, task: Task, optimizer, settings: TrainSettings, epoch: int,
+                last_good: str) -> float:
+    """One pass over the training slides in a seeded order; raises NonFiniteLoss at the first NaN/inf loss."""
+    model.train()
+    order = np.random.default_rng(settings.seed * 1000 + epoch).permutation(len(bags)).tolist()
+    losses = []
+    loader = _bags_in(bags, order, settings)
+    for step, bag in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
+        out = _forward(model, bag, settings)
+        loss = LOSSES[task.type](out.logits, _to(bag, settings.device), task)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} on slide {bag.slide_id} at epoch {epoch}, step {step}; "
+                                f"training stopped. Last good checkpoint: {last_good}. Check that slide's "
+                                "features or lower train.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def _to(bag: Bag, device: str) -> Bag:
+    return Bag(bag.slide_id, bag.case_id, bag.features, bag.grid, {k: v.to(device) for k, v in bag.target.items()})
+
+
+@torch.no_grad()
+def predict(model, bags: FeatureBags, task: Task, settings: TrainSettings) -> tuple[pd.DataFrame, dict]:
+    """DESIGN.md predictions table of a split, and each slide's attention (N,) float32."""
+    model.eval()
+    rows, attention = [], {}
+    for i, bag in enumerate(_bags_in(bags, list(range(len(bags))), settings)):
+        out = _forward(model, bag, settings)
+        ids = bags.frame.iloc[i][ID_COLUMNS[task.type]].to_dict()
+        rows.append({**ids, **OUTPUT_COLUMNS[task.type](out.logits)})
+        attention[bag.slide_id] = out.attention.float().cpu().numpy().astype(np.float32)
+    return pd.DataFrame(rows), attention
+
+
+def _score(metrics: dict[str, float], monitor: str) -> float:
+    value = metrics[monitor]
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def fit(model, train: FeatureBags, val: FeatureBags, task: Task, settings: TrainSettings,
+        checkpoint: Path | None = None, extra: dict | None = None) -> dict:
+    """AdamW + cosine schedule; keeps the weights of the best validation `task.monitor` (first epoch on ties)
+    in memory and, when `checkpoint` is given, on disk. Returns {best_epoch, val metrics, train losses}."""
+    model.to(settings.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(settings.epochs, 1))
+    best = {"score": -math.inf, "epoch": -1, "state": None, "val": {}}
+    history = []
+    for epoch in range(settings.epochs):
+        last_good = str(checkpoint) if best["state"] is not None and checkpoint else "none yet"
+        history.append(train_epoch(model, train, task, optimizer, settings, epoch, last_good))
+        scheduler.step()
+        val_metrics = compute_metrics(task.metrics, predict(model, val, task, settings)[0])
+        log.info("epoch %d: train loss %.4f, val %s", epoch, history[-1], _fmt(val_metrics))
+        if best["state"] is None or _score(val_metrics, task.monitor) > best["score"]:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = {"score": _score(val_metrics, task.monitor), "epoch": epoch, "state": state, "val": val_metrics}
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, state, {**(extra or {}), "epoch": epoch})
+    model.load_state_dict(best["state"])
+    return {"best_epoch": best["epoch"], "val": best["val"], "train_loss": history}
+
+
+def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state, **meta}, tmp)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+# ------------------------------------------------------------------------------------- one fold on disk
+
+
+def _check_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """config.yaml records the run (features dir included); folds of one run dir must share it."""
+    current = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in FOLD_KEYS}
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        previous = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k not in FOLD_KEYS}
+        changed = sorted(k for k in set(current) | set(previous) if current.get(k) != previous.get(k))
+        if changed and not cfg.overwrite:
+            raise RunDirMismatch(f"{path}: this run dir was trained with other values of {changed}; "
+                                 "use another run_dir=, or overwrite=true to retrain its folds")
+    with atomic_path(path) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(current)))
+
+
+def _write_attention(path: Path, attention: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for slide_id, weights in attention.items():
+            f.create_dataset(slide_id, data=weights.astype(np.float32))
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def load_fold_data(cfg: DictConfig, task: Task) -> tuple[dict[str, FeatureBags], np.ndarray | None]:
+    labels = data.attach_features(data.read_labels(task), cfg.features, cfg.missing)
+    splits = data.read_split(task, int(cfg.fold), labels)
+    bins = data.survival_bins(splits["train"], task.n_bins) if task.type == "survival" else None
+    return {name: FeatureBags(frame, task, bins, cache=cfg.train.cache) for name, frame in splits.items()}, bins
+
+
+def run_fold(cfg: DictConfig) -> dict | None:
+    """Train and evaluate fold `cfg.fold`; None when it was already finished (resume)."""
+    if OmegaConf.is_missing(cfg, "features"):
+        raise DataError("features= is required: the folder of <slide_id>.h5 feature files (features/<encoder>/)")
+    task = Task.from_config(OmegaConf.to_container(cfg.task, resolve=True))
+    run_dir = Path(cfg.run_dir)
+    fold_dir = run_dir / f"fold_{cfg.fold}"
+    _check_run_config(cfg, run_dir)
+    if (fold_dir / "metrics.json").is_file() and not cfg.overwrite:
+        log.info("%s: finished already, skipped (overwrite=true redoes it)", fold_dir)
+        write_summary(run_dir)
+        return None
+    (fold_dir / "metrics.json").unlink(missing_ok=True)
+    splits, bins = load_fold_data(cfg, task)
+    in_dim = int(read_attrs(splits["train"].frame.path[0]).get("embed_dim") or splits["train"][0].features.shape[1])
+    settings = _settings(cfg)
+    seed_everything(settings.seed)
+    model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    model = create_model(cfg.model.name, in_dim=in_dim, n_classes=task.n_outputs, **model_cfg)
+    meta = {"model": cfg.model.name, "model_cfg": model_cfg, "in_dim": in_dim, "n_classes": task.n_outputs,
+            "task": task.name, "bins": None if bins is None else bins.tolist()}
+    result = fit(model, splits["train"], splits["val"], task, settings, fold_dir / "model.pt", meta)
+    return _evaluate(model, splits, task, settings, fold_dir, result, run_dir)
+
+
+def _settings(cfg: DictConfig) -> TrainSettings:
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    t = cfg.train
+    return TrainSettings(int(t.epochs), float(t.lr), float(t.weight_decay), bool(t.amp), int(cfg.seed), device,
+                         int(t.workers))
+
+
+def _evaluate(model, splits, task, settings, fold_dir: Path, result: dict, run_dir: Path) -> dict:
+    metrics = {"best_epoch": result["best_epoch"], "train_loss": result["train_loss"]}
+    for name in ("val", "test"):
+        frame, attention = predict(model, splits[name], task, settings)
+        _write_csv(fold_dir / f"predictions_{name}.csv", frame)
+        metrics[name] = compute_metrics(task.metrics, frame)
+        if name == "test":
+            _write_attention(fold_dir / "attention_test.h5", attention)
+    with atomic_path(fold_dir / "metrics.json") as tmp:  # written last: its presence marks the fold finished
+        tmp.write_text(json.dumps(metrics, indent=2))
+    log.info("%s: test %s", fold_dir, _fmt(metrics["test"]))
+    write_summary(run_dir)
+    return metrics
+
+
+def write_summary(run_dir: Path) -> pd.DataFrame:
+    """summary.csv: each finished fold's test metrics, then mean and std rows (from the fold dirs present)."""
+    rows = {}
+    for path in sorted(run_dir.glob("fold_*/metrics.json")):
+        rows[int(path.parent.name.split("_")[1])] = json.loads(path.read_text())["test"]
+    table = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    table.index = table.index.astype(str)
+    if len(table):
+        stats = pd.DataFrame({"mean": table.mean(), "std": table.std(ddof=0)}).T
+        table = pd.concat([table, stats])
+    table.index.name = "fold"
+    with atomic_path(run_dir / "summary.csv") as tmp:
+        table.to_csv(tmp)
+    return table
+
+
+# ------------------------------------------------------------------------------------- the app
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """configs/train.yaml with command-line style overrides, as the Hydra app would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+EXPECTED_ERRORS = (DataError, FormatError, NonFiniteLoss, RunDirMismatch)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_fold(cfg)
+    except EXPECTED_ERRORS as err:  # bad input: one clear line, not a traceback
+        log.error("%s", err)  # to the console and the fold's train.log
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
