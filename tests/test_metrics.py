@@ -64,3 +64,11 @@ def test_nll_survival_matches_the_discrete_hazard_likelihood():
 
 def test_cross_entropy():
     assert cross_entropy(torch.zeros(1, 4), torch.tensor([2])).item() == pytest.approx(math.log(4))
+
+
+def test_c_index_is_nan_without_comparable_pairs():
+    # one event, at the shortest time, but it is the only case: nothing to compare (a tiny validation split)
+    table = pd.DataFrame({"survival_months": [5.0, 9.0], "censorship": [1, 1], "risk": [0.2, 0.1]})
+    assert math.isnan(compute_metrics(["c_index"], table)["c_index"])
+    table = pd.DataFrame({"survival_months": [5.0, 3.0], "censorship": [0, 1], "risk": [0.2, 0.1]})
+    assert math.isnan(compute_metrics(["c_index"], table)["c_index"])  # the censored case left before the event

@@ -38,19 +38,35 @@ class Demo:
         return self.root / "labels.csv"
 
     @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    @property
+    def runs(self) -> Path:
+        """One run dir per task x model: runs/<task>/<model>/fold_<k>/..."""
+        return self.root / "runs"
+
+    @property
     def preprocessed(self) -> Path:
         """patches/, tissue/, thumbnails/ and manifest.csv of the preprocessing stage."""
         return self.root
 
     @property
     def features(self) -> Path:
-        """features/<encoder>/<slide_id>.h5 of the extraction stage (encoder: random_proj_demo)."""
+        """The extraction stage's output folder: features/<encoder>/<slide_id>.h5."""
         return self.root / "features"
+
+    @property
+    def encoder_features(self) -> Path:
+        """The demo encoder's feature files, the trainer's input."""
+        return self.features / DEMO_ENCODER
 
 
 # Two made-up diagnoses that differ in staining (a stand-in for morphology a real encoder would see).
 DEMO_CLASSES = {"benign": (222, 140, 180), "tumour": (172, 104, 186)}
 N_DEMO_SLIDES = 16
+# No download, and NOT a pathology model (docs/extract.md): enough to tell the two stainings apart.
+DEMO_ENCODER = "random_proj_demo"
 
 
 def demo_cohort() -> dict[str, tuple[str, SyntheticSlide]]:
@@ -103,16 +119,55 @@ def preprocess(demo: Demo) -> None:
 def extract(demo: Demo) -> None:
     from .extract import compose_config, run  # the same config and code path as `python -m wsi_pipeline.extract`
 
-    # random_proj_demo: no download, and NOT a pathology model (see docs/extract.md)
     run(compose_config([f"slides={demo.slides}", f"patches={demo.preprocessed / 'patches'}",
-                        f"out={demo.features}", "encoder=random_proj_demo"]))
+                        f"out={demo.features}", f"encoder={DEMO_ENCODER}"]))
 
 
-# The demo's steps, in order. A later stage appends its own step here.
+# What the demo trains: (task config, labels-derived task) x models; folds from DEMO_FOLDS split files.
+DEMO_TASKS = ("demo", "demo_survival")
+DEMO_MODELS = ("mamba2d", "abmil")
+DEMO_FOLDS = 3
+DEMO_EPOCHS = 20
+DEMO_LR = 1e-3  # a tiny cohort: the paper's 1e-4 would need many more epochs
+
+
+def splits(demo: Demo) -> None:
+    from .splits import make_splits, write_splits  # the code path of `python -m wsi_pipeline.splits`
+
+    if not (demo.splits / f"splits_{DEMO_FOLDS - 1}.csv").is_file():
+        write_splits(make_splits(pd.read_csv(demo.labels, dtype={"case_id": str}), DEMO_FOLDS, 0.25), demo.splits)
+
+
+def train(demo: Demo) -> None:
+    from .train import compose_config, run_fold  # the code path of `python -m wsi_pipeline.train`
+
+    for task in DEMO_TASKS:
+        for model in DEMO_MODELS:
+            for fold in range(DEMO_FOLDS):
+                run_fold(compose_config([
+                    f"task={task}", f"model={model}", f"fold={fold}", f"features={demo.encoder_features}",
+                    f"task.labels_csv={demo.labels}", f"task.splits_dir={demo.splits}",
+                    f"run_dir={demo.runs / task / model}", f"train.epochs={DEMO_EPOCHS}", f"train.lr={DEMO_LR}", "train.workers=0",
+                ]))
+
+
+def report(demo: Demo) -> None:
+    from .report import make_reports, report_config  # the code path of `python -m wsi_pipeline.report`
+
+    for task in DEMO_TASKS:
+        runs = [str(demo.runs / task / model) for model in DEMO_MODELS]
+        for path in make_reports(runs, report_config(f"slides={demo.slides}", "c_index.n_bootstrap=200")):
+            log.info("report: %s", path)
+
+
+# The demo's steps, in order.
 STEPS: list[tuple[str, Callable[[Demo], None]]] = [
     ("slides", make_slides),
     ("preprocess", preprocess),
     ("extract", extract),
+    ("splits", splits),
+    ("train", train),
+    ("report", report),
 ]
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
+from sksurv.exceptions import NoComparablePairException
 from sksurv.metrics import concordance_index_censored
 
 Metric = Callable[[pd.DataFrame], float]
@@ -61,12 +62,17 @@ def qwk(pred: pd.DataFrame) -> float:
 
 @register_metric
 def c_index(pred: pd.DataFrame) -> float:
-    """Harrell's concordance of `risk` with survival; censorship 1 = censored, so event = 1 - censorship."""
+    """Harrell's concordance of `risk` with survival; censorship 1 = censored, so event = 1 - censorship.
+
+    NaN when no pair is comparable (no event, or every event after every other time: small validation splits)."""
     event = pred["censorship"].to_numpy() == 0
-    if not event.any():
+    if len(event) < 2 or not event.any():
         return float("nan")
-    return float(concordance_index_censored(event, pred["survival_months"].to_numpy(float),
-                                            pred["risk"].to_numpy(float))[0])
+    try:
+        return float(concordance_index_censored(event, pred["survival_months"].to_numpy(float),
+                                                pred["risk"].to_numpy(float))[0])
+    except NoComparablePairException:
+        return float("nan")
 
 
 def list_metrics() -> list[str]:

@@ -160,7 +160,8 @@ def _score(metrics: dict[str, float], monitor: str) -> float:
 
 def fit(model, train: FeatureBags, val: FeatureBags, task: Task, settings: TrainSettings,
         checkpoint: Path | None = None, extra: dict | None = None) -> dict:
-    """AdamW + cosine schedule; keeps the weights of the best validation `task.monitor` (first epoch on ties)
+    """AdamW + cosine schedule; keeps the weights of the best validation `task.monitor` (the later epoch on ties: a saturated
+    metric such as AUC 1.0 on a small validation split should not freeze the model at its first epoch)
     in memory and, when `checkpoint` is given, on disk. Returns {best_epoch, val metrics, train losses}."""
     model.to(settings.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -173,7 +174,7 @@ def fit(model, train: FeatureBags, val: FeatureBags, task: Task, settings: Train
         scheduler.step()
         val_metrics = compute_metrics(task.metrics, predict(model, val, task, settings)[0])
         log.info("epoch %d: train loss %.4f, val %s", epoch, history[-1], _fmt(val_metrics))
-        if best["state"] is None or _score(val_metrics, task.monitor) > best["score"]:
+        if best["state"] is None or _score(val_metrics, task.monitor) >= best["score"]:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             best = {"score": _score(val_metrics, task.monitor), "epoch": epoch, "state": state, "val": val_metrics}
             if checkpoint is not None:
