@@ -82,6 +82,17 @@ def test_scan2d_states_groups_and_wide_rows(n, groups, height, width):
             TOL[torch.float32])
 
 
+PACKED = [(14, 14, None), (37, 1, None), (1, 30, None), (5, 32, 2), (3, 17, None)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("height,width,groups", PACKED, ids=[f"{h}x{w}-g{g}" for h, w, g in PACKED])
+def test_scan2d_two_channels_per_warp(height, width, groups, dtype):
+    """Rows of <= 32 columns and >= 1024 channels: the kernels pack two channels into each warp."""
+    x = make(4, 256, 4, height * width, dtype, groups=groups, options=True, seed=height * width)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_scan2d_unaligned_views(dtype):
     """Contiguous views at an odd storage offset (not 16-byte aligned) give the same result."""
