@@ -11,9 +11,9 @@
 // the sums out (coalesced). The per-position inputs shared by the 16 warps (delta after bias and softplus,
 // delta*u, and dy in the backward) are computed once per block into shared memory for the same windows.
 // dB and dC (sums over channels, i.e. over blocks) use 16-byte global atomics.
-// Small grids (v6): when a row fits in half a warp (width <= 32), each warp packs P = 2 channels (lanes 0-15 and 16-31, same
-// state, adjacent channels of one B/C group), with segmented shuffle scans; the two halves' dB, dC are summed
-// by a shuffle before the atomics. A block is then (P channels, 16 states).
+// Small grids (v6, v7): when a row fits in a half or a quarter of a warp, each warp packs P = 2 or 4 channels
+// (segments of 32 / P lanes, same state, adjacent channels of one B/C group), with segmented shuffle scans;
+// the segments' dB, dC are summed by shuffles before the atomics. A block is then (P channels, 16 states).
 // The forward keeps h only at strip boundaries (every `strip` rows, the checkpoints); the backward walks the
 // strips bottom-up, recomputes the strip's states from its checkpoint, then runs the adjoint recurrences.
 #pragma once
@@ -548,11 +548,16 @@ void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, in
 // Columns per lane: the smallest K in {1, 2, 4, 8} whose tile covers the row; wider rows use several tiles.
 inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8; }
 
-// Two channels per warp when a row fits in 16 lanes of K <= 2 columns (K = 4 would need 118 registers, one
-// block per SM, or spill at two), the pairs stay inside one batch and one B/C group, and the grid keeps at
-// least 512 blocks (fewer would leave SMs idle at batch 1).
-inline bool packs_two(const Params& p) {
-  return p.width <= 32 && p.dim % 2 == 0 && (p.dim / p.groups) % 2 == 0 && (long)p.batch * p.dim >= 1024;
+// Channels per warp (v6, v7): P = 4 when a row fits in 8 lanes of K <= 2 columns, P = 2 when it fits in 16
+// lanes of K <= 4, as long as the P channels stay inside one batch and one B/C group and the grid keeps at
+// least 512 blocks (fewer would leave SMs idle at batch 1). (The packed K = 4 backward needs 120 registers,
+// one block per SM; measured at 56x56 it still beat the unpacked K = 2 one at two blocks per SM.)
+inline int pack_of(const Params& p) {
+  const long channels = (long)p.batch * p.dim;
+  const int per_group = p.dim / p.groups;
+  if (p.width <= 16 && per_group % 4 == 0 && channels / 4 >= 512) return 4;
+  if (p.width <= 64 && per_group % 2 == 0 && channels / 2 >= 512) return 2;
+  return 1;
 }
 
 template <typename T, bool kFwd, int K, int P>
@@ -563,17 +568,23 @@ void launch_one(const Params& p, cudaStream_t stream) {
 
 template <typename T, bool kFwd>
 void dispatch(const Params& p, cudaStream_t stream) {
-  if (packs_two(p)) {
-    switch (cols_per_lane(2 * p.width)) {  // 16 lanes of K columns
-      case 1: return launch_one<T, kFwd, 1, 2>(p, stream);
-      default: return launch_one<T, kFwd, 2, 2>(p, stream);
-    }
-  }
-  switch (cols_per_lane(p.width)) {
-    case 1: return launch_one<T, kFwd, 1, 1>(p, stream);
-    case 2: return launch_one<T, kFwd, 2, 1>(p, stream);
-    case 4: return launch_one<T, kFwd, 4, 1>(p, stream);
-    default: return launch_one<T, kFwd, 8, 1>(p, stream);
+  switch (pack_of(p)) {
+    case 4:  // 8 lanes of K columns
+      if (cols_per_lane(4 * p.width) == 1) return launch_one<T, kFwd, 1, 4>(p, stream);
+      return launch_one<T, kFwd, 2, 4>(p, stream);
+    case 2:  // 16 lanes of K columns
+      switch (cols_per_lane(2 * p.width)) {
+        case 1: return launch_one<T, kFwd, 1, 2>(p, stream);
+        case 2: return launch_one<T, kFwd, 2, 2>(p, stream);
+        default: return launch_one<T, kFwd, 4, 2>(p, stream);
+      }
+    default:
+      switch (cols_per_lane(p.width)) {
+        case 1: return launch_one<T, kFwd, 1, 1>(p, stream);
+        case 2: return launch_one<T, kFwd, 2, 1>(p, stream);
+        case 4: return launch_one<T, kFwd, 4, 1>(p, stream);
+        default: return launch_one<T, kFwd, 8, 1>(p, stream);
+      }
   }
 }
 
