@@ -82,6 +82,20 @@ def test_scan2d_states_groups_and_wide_rows(n, groups, height, width):
             TOL[torch.float32])
 
 
+# (height, width, groups, d) at 8 x d channels: 4 channels per warp for rows of <= 16 columns (d % 4 == 0),
+# else 2 for rows of <= 64
+PACKED = [(14, 14, None, 256), (37, 1, None, 256), (3, 8, 2, 256), (14, 14, None, 254), (1, 30, None, 256),
+          (5, 32, 2, 256), (3, 17, None, 256), (4, 56, None, 256), (2, 33, None, 256), (3, 64, 2, 256)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("height,width,groups,d", PACKED, ids=[f"{h}x{w}-g{g}-d{d}" for h, w, g, d in PACKED])
+def test_scan2d_several_channels_per_warp(height, width, groups, d, dtype):
+    """Small rows and >= 1024 channels: the kernels pack 2 or 4 channels into each warp."""
+    x = make(8, d, 4, height * width, dtype, groups=groups, options=True, seed=height * width)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_scan2d_unaligned_views(dtype):
     """Contiguous views at an odd storage offset (not 16-byte aligned) give the same result."""

@@ -11,6 +11,9 @@
 // the sums out (coalesced). The per-position inputs shared by the 16 warps (delta after bias and softplus,
 // delta*u, and dy in the backward) are computed once per block into shared memory for the same windows.
 // dB and dC (sums over channels, i.e. over blocks) use 16-byte global atomics.
+// Small grids (v6, v7): when a row fits in a half or a quarter of a warp, each warp packs P = 2 or 4 channels
+// (segments of 32 / P lanes, same state, adjacent channels of one B/C group), with segmented shuffle scans;
+// the segments' dB, dC are summed by shuffles before the atomics. A block is then (P channels, 16 states).
 // The forward keeps h only at strip boundaries (every `strip` rows, the checkpoints); the backward walks the
 // strips bottom-up, recomputes the strip's states from its checkpoint, then runs the adjoint recurrences.
 #pragma once
@@ -39,15 +42,16 @@ __device__ __forceinline__ int padded(int col) { return col + ((col >> 5) << 2);
 // Per-warp view of one (channel, state) problem.
 template <typename T>
 struct Channel {
-  int c, b, d, n, W, H, ntiles;
+  int c, b, d, n, W, H, ntiles, seg;  // seg: the lane's segment (channel blockIdx.x * P + seg)
   bool active;
   long L;
   const T *u, *delta, *B, *C;
   float a2, bias;  // A * log2(e) (dA = exp2(delta * a2)), delta_bias[d]
   long cn;         // (c, n) index into per-state scratch
 
-  __device__ Channel(const Params& p, int tile) {
-    c = blockIdx.x;
+  __device__ Channel(const Params& p, int tile, int P) {
+    seg = (threadIdx.x & 31) / (32 / P);
+    c = blockIdx.x * P + seg;
     b = c / p.dim;
     d = c - b * p.dim;
     n = blockIdx.y * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -92,19 +96,21 @@ struct Smem {
 
 // Stages delta (after bias and softplus), u and optionally dy for the kWindow steps of a window;
 // where(slot, i, t) gives the step's row and tile (i < 0: past the end). Called by the whole block.
-template <typename T, int K, class S, class Where>
+// With P channels per warp, shared column col belongs to segment col / (TILE / P) (the channel
+// blockIdx.x * P + segment; the P channels are consecutive within one batch).
+template <typename T, int K, int P, class S, class Where>
 __device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& ch, const S& sm, Where where,
                                              const float* dy) {
-  constexpr int TILE = 32 * K;
+  constexpr int TILE = 32 * K, SEGT = TILE / P;
   for (int idx = threadIdx.x; idx < kWindow * TILE; idx += blockDim.x) {
-    const int slot = idx / TILE, col = idx - slot * TILE;
+    const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT, ds = seg - ch.seg;
     int i, t;
     where(slot, i, t);
-    const int j = t * TILE + col;
+    const int j = t * SEGT + col - seg * SEGT;
     float dt = 0.f, uu = 0.f, g = 0.f;
     if (i >= 0 && j < ch.W) {
-      const long l = (long)i * ch.W + j;
-      dt = to_float(ch.delta[l]) + ch.bias;
+      const long l = (long)i * ch.W + j + ds * ch.L;  // ch's pointers moved to the column's channel
+      dt = to_float(ch.delta[l]) + (P == 1 ? ch.bias : p.delta_bias ? p.delta_bias[ch.d + ds] : 0.f);
       if (p.softplus) dt = softplus(dt);
       uu = to_float(ch.u[l]);
       if (dy) g = dy[(long)ch.c * ch.L + l];
@@ -132,38 +138,41 @@ __device__ __forceinline__ void windows(int nsteps, Stage stage, Step step, Drai
 
 // Inclusive warp scan of the affine maps x -> a x + b (left to right); returns the lane's incoming value given
 // the value `carry` entering the tile, and sets `carry` to the value leaving the tile.
+// Segmented by SEG lanes (32 / P): each segment scans on its own.
+template <int SEG = 32>
 __device__ __forceinline__ float warp_scan_in(float a, float b, float& carry) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & (SEG - 1);
 #pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const float pa = __shfl_up_sync(kFull, a, off), pb = __shfl_up_sync(kFull, b, off);
+  for (int off = 1; off < SEG; off <<= 1) {
+    const float pa = __shfl_up_sync(kFull, a, off, SEG), pb = __shfl_up_sync(kFull, b, off, SEG);
     if (lane >= off) {
       b = a * pb + b;
       a = a * pa;
     }
   }
-  float ea = __shfl_up_sync(kFull, a, 1), eb = __shfl_up_sync(kFull, b, 1);
+  float ea = __shfl_up_sync(kFull, a, 1, SEG), eb = __shfl_up_sync(kFull, b, 1, SEG);
   if (lane == 0) ea = 1.f, eb = 0.f;
   const float in = ea * carry + eb;
-  carry = __shfl_sync(kFull, a, 31) * carry + __shfl_sync(kFull, b, 31);
+  carry = __shfl_sync(kFull, a, SEG - 1, SEG) * carry + __shfl_sync(kFull, b, SEG - 1, SEG);
   return in;
 }
 
 // The mirror image (right to left): x_lane = b + a * x_{lane+1}; returns the lane's incoming value from the right.
+template <int SEG = 32>
 __device__ __forceinline__ float warp_scan_rev_in(float a, float b, float& carry) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & (SEG - 1);
 #pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const float na = __shfl_down_sync(kFull, a, off), nb = __shfl_down_sync(kFull, b, off);
-    if (lane + off < 32) {
+  for (int off = 1; off < SEG; off <<= 1) {
+    const float na = __shfl_down_sync(kFull, a, off, SEG), nb = __shfl_down_sync(kFull, b, off, SEG);
+    if (lane + off < SEG) {
       b = b + a * nb;
       a = a * na;
     }
   }
-  float xa = __shfl_down_sync(kFull, a, 1), xb = __shfl_down_sync(kFull, b, 1);
-  if (lane == 31) xa = 1.f, xb = 0.f;
+  float xa = __shfl_down_sync(kFull, a, 1, SEG), xb = __shfl_down_sync(kFull, b, 1, SEG);
+  if (lane == SEG - 1) xa = 1.f, xb = 0.f;
   const float in = xb + xa * carry;
-  carry = __shfl_sync(kFull, b, 0) + __shfl_sync(kFull, a, 0) * carry;
+  carry = __shfl_sync(kFull, b, 0, SEG) + __shfl_sync(kFull, a, 0, SEG) * carry;
   return in;
 }
 
@@ -290,23 +299,23 @@ __device__ __forceinline__ float2 discretise(const S& sm, int slot, const Channe
   return make_float2(a, b);
 }
 
-template <typename T, int K>
+template <typename T, int K, int P>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
-  constexpr int TILE = 32 * K;
+  constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
   extern __shared__ float smem[];
   const Smem<K, 2, 1> sm{smem};
-  const Channel<T> ch(p, TILE);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const Channel<T> ch(p, SEGT, P);
+  const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = ch.ntiles, steps = H * nt;
   float* carry = p.carry + ch.cn * W;
   float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
-  float* y = p.y + (long)ch.c * ch.L;
+  float* y = p.y + (long)blockIdx.x * P * ch.L;  // the block's first channel
   float hv[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) hv[k] = 0.f;
   float gc = 0.f;  // horizontal carry between the tiles of a row
   auto stage = [&](int s0) {
-    stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+    stage_window<T, K, P>(p, ch, sm, [&](int slot, int& i, int& t) {
       const int s = s0 + slot;
       i = s < steps ? s / nt : -1;
       t = s - (s / nt) * nt;
@@ -314,20 +323,20 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
   };
   auto drain = [&](int s0, int count) {
     for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
-      const int slot = idx / TILE, col = idx - slot * TILE, s = s0 + slot, i = s / nt;
-      const int j = (s - i * nt) * TILE + col;
-      if (j < W) store_out(y, (long)i * W + j, sm.sum(0, slot, col, nwarps), p.atomic_out);
+      const int slot = idx / TILE, col = idx - slot * TILE, s = s0 + slot, i = s / nt, seg = col / SEGT;
+      const int j = (s - i * nt) * SEGT + col - seg * SEGT;
+      if (j < W) store_out(y + seg * ch.L, (long)i * W + j, sm.sum(0, slot, col, nwarps), p.atomic_out);
     }
   };
   const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
   auto step = [&](int s, int slot) {
-    const int i = nt == 1 ? s : s / nt, t = s - i * nt, j0 = t * TILE + lane * K, l0 = i * W + j0;
+    const int i = nt == 1 ? s : s / nt, t = s - i * nt, j0 = t * SEGT + slane * K, l0 = i * W + j0;
     const int valid = ch.active ? W - j0 : 0;
     if (t == 0) gc = 0.f;
     float dA[K], bu[K], cc[K];
     ldg<T, K>(ch.C + l0, valid, vec, cc);
     const float2 ab = discretise<T, K>(sm, slot, ch, l0, valid, vec, dA, bu);
-    float g = warp_scan_in(ab.x, ab.y, gc);
+    float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
     if (nt > 1) {
       if (i > 0) ldg<float, K, false>(carry + j0, valid, vecf, hv);
       else for (int k = 0; k < K; ++k) hv[k] = 0.f;
@@ -357,13 +366,13 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
 // Backward. Adjoints: lh = dL/dh (vertical recurrence, bottom-up), lg = dL/dg (horizontal, right to left):
 //   lh[i,j] = dy[i,j] C[i,j] + dA[i+1,j] lh[i+1,j];   lg[i,j] = lh[i,j] + dA[i,j+1] lg[i,j+1]
 //   d dA[i,j] = lg[i,j] g[i,j-1] + lh[i,j] h[i-1,j];  d dBu[i,j] = lg[i,j].
-template <typename T, int K>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params p) {
-  constexpr int TILE = 32 * K;
+template <typename T, int K, int P>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bwd_kernel(Params p) {
+  constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
   extern __shared__ float smem[];
   const Smem<K, 3, 2> sm{smem};  // staged: dt, dt*u, dy; partials: du, ddelta
-  const Channel<T> ch(p, TILE);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const Channel<T> ch(p, SEGT, P);
+  const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = ch.ntiles;
   const bool vec4 = W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
   const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
@@ -392,19 +401,19 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
       const int nsteps = (r1 - r0) * nt + (nt > 1 ? nt : 0);
       auto where = [&](int s) { return make_int2(r0 + s / nt, s % nt); };
       auto stage = [&](int s0) {
-        stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+        stage_window<T, K, P>(p, ch, sm, [&](int slot, int& i, int& t) {
           const int s = s0 + slot;
           i = s < nsteps ? where(s).x : -1;
           t = where(s).y;
         }, nullptr);
       };
       auto step = [&](int s, int slot) {
-        const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K, valid = ch.active ? W - j0 : 0;
+        const int i = where(s).x, t = where(s).y, j0 = t * SEGT + slane * K, valid = ch.active ? W - j0 : 0;
         if (t == 0) gc = 0.f;
-        if (lane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
+        if (slane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
         float dA[K], bu[K];
         const float2 ab = discretise<T, K>(sm, slot, ch, i * W + j0, valid, vec, dA, bu);
-        float g = warp_scan_in(ab.x, ab.y, gc);
+        float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
         if (i == r1) return;  // the last row needs only its tile carries
         float hp[K];
         h_above(i, j0, valid, hp);
@@ -423,7 +432,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
       const int nsteps = (r1 - r0 + 1) * nt;
       auto where = [&](int s) { return make_int2(r1 - s / nt, nt - 1 - s % nt); };
       auto stage = [&](int s0) {
-        stage_window<T, K>(p, ch, sm, [&](int slot, int& i, int& t) {
+        stage_window<T, K, P>(p, ch, sm, [&](int slot, int& i, int& t) {
           const int s = s0 + slot;
           i = s < nsteps ? where(s).x : -1;
           t = where(s).y;
@@ -431,18 +440,18 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
       };
       auto drain = [&](int s0, int count) {
         for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
-          const int slot = idx / TILE, col = idx - slot * TILE;
+          const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT;
           const auto it = where(s0 + slot);
-          const int j = it.y * TILE + col;
+          const int j = it.y * SEGT + col - seg * SEGT;
           if (j < W) {
-            const long l = (long)ch.c * ch.L + (long)it.x * W + j;
+            const long l = ((long)blockIdx.x * P + seg) * ch.L + (long)it.x * W + j;
             store_out(p.du, l, sm.sum(0, slot, col, nwarps), p.atomic_out);
             store_out(p.ddelta, l, sm.sum(1, slot, col, nwarps), p.atomic_out);
           }
         }
       };
       auto step = [&](int s, int slot) {
-        const int i = where(s).x, t = where(s).y, j0 = t * TILE + lane * K;
+        const int i = where(s).x, t = where(s).y, j0 = t * SEGT + slane * K;
         if (t == nt - 1) lgc = 0.f, dA_right = 0.f;
         float dt[K], uu[K], bb[K], dA[K], lh[K], hp[K], dyk[K];
         const int valid = ch.active ? W - j0 : 0;
@@ -464,8 +473,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
           lh[k] = ok ? dyk[k] * lh[k] + lv[k] : 0.f;
         }
         // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1].
-        const float dA_next_lane = __shfl_down_sync(kFull, dA[0], 1);
-        const float m_last = lane == 31 ? dA_right : dA_next_lane;
+        const float dA_next_lane = __shfl_down_sync(kFull, dA[0], 1, SEG);
+        const float m_last = slane == SEG - 1 ? dA_right : dA_next_lane;
         float ra = 1.f, rb = 0.f;
 #pragma unroll
         for (int k = K - 1; k >= 0; --k) {
@@ -473,8 +482,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
           rb = lh[k] + m * rb;
           ra *= m;
         }
-        float lg_in = warp_scan_rev_in(ra, rb, lgc);
-        dA_right = __shfl_sync(kFull, dA[0], 0);
+        float lg_in = warp_scan_rev_in<SEG>(ra, rb, lgc);
+        dA_right = __shfl_sync(kFull, dA[0], 0, SEG);
         float lg[K];
 #pragma unroll
         for (int k = K - 1; k >= 0; --k) {
@@ -490,7 +499,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
           a *= dA[k];
         }
         float gcarry = (nt > 1 && t > 0) ? gbuf[(i - r0) * nt + t] : 0.f;
-        float gp = warp_scan_in(a, b, gcarry);
+        float gp = warp_scan_in<SEG>(a, b, gcarry);
         float vB[K], vC[K], pdu[K], pdd[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -507,7 +516,15 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
         sts<K>(&sm.part(0, slot, warp, lane * K), pdu);
         sts<K>(&sm.part(1, slot, warp, lane * K), pdd);
         if (nt > 1 && i > 0) stg<K>(lcarry + j0, valid, vecf, lv);
-        if (ch.active) {
+#pragma unroll
+        for (int off = SEG; off < 32; off <<= 1) {  // the P channels share B, C: sum them before the atomics
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            vB[k] += __shfl_down_sync(kFull, vB[k], off);
+            vC[k] += __shfl_down_sync(kFull, vC[k], off);
+          }
+        }
+        if (ch.active && ch.seg == 0) {
           atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4);
           atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4);
         }
@@ -516,13 +533,13 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) scan2d_bwd_kernel(Params 
     }
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) dA_sum += __shfl_xor_sync(kFull, dA_sum, off);
-  if (lane == 0 && ch.active) atomicAdd(p.dA + ch.d * p.dstate + ch.n, dA_sum);
+  for (int off = SEG / 2; off > 0; off >>= 1) dA_sum += __shfl_xor_sync(kFull, dA_sum, off);
+  if (slane == 0 && ch.active) atomicAdd(p.dA + ch.d * p.dstate + ch.n, dA_sum);
 }
 
 template <typename Kernel>
-void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream) {
-  const dim3 grid(p.batch * p.dim, (p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
+void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, int P) {
+  const dim3 grid(p.batch * p.dim / P, (p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
   const int threads = 32 * (p.dstate < kWarpsPerBlock ? p.dstate : kWarpsPerBlock);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kernel<<<grid, threads, smem, stream>>>(p);
@@ -531,22 +548,48 @@ void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream) {
 // Columns per lane: the smallest K in {1, 2, 4, 8} whose tile covers the row; wider rows use several tiles.
 inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8; }
 
-#define SCAN_DEFINE_LAUNCHERS(T, SUFFIX)                                                                   \
-  void scan2d_fwd_##SUFFIX(const Params& p, cudaStream_t stream) {                                       \
-    switch (cols_per_lane(p.width)) {                                                                    \
-      case 1: launch(scan2d_fwd_kernel<T, 1>, p, Smem<1, 2, 1>::bytes(), stream); break;                   \
-      case 2: launch(scan2d_fwd_kernel<T, 2>, p, Smem<2, 2, 1>::bytes(), stream); break;                   \
-      case 4: launch(scan2d_fwd_kernel<T, 4>, p, Smem<4, 2, 1>::bytes(), stream); break;                   \
-      default: launch(scan2d_fwd_kernel<T, 8>, p, Smem<8, 2, 1>::bytes(), stream); break;                  \
-    }                                                                                                    \
-  }                                                                                                      \
-  void scan2d_bwd_##SUFFIX(const Params& p, cudaStream_t stream) {                                       \
-    switch (cols_per_lane(p.width)) {                                                                    \
-      case 1: launch(scan2d_bwd_kernel<T, 1>, p, Smem<1, 3, 2>::bytes(), stream); break;               \
-      case 2: launch(scan2d_bwd_kernel<T, 2>, p, Smem<2, 3, 2>::bytes(), stream); break;               \
-      case 4: launch(scan2d_bwd_kernel<T, 4>, p, Smem<4, 3, 2>::bytes(), stream); break;               \
-      default: launch(scan2d_bwd_kernel<T, 8>, p, Smem<8, 3, 2>::bytes(), stream); break;              \
-    }                                                                                                    \
+// Channels per warp (v6, v7): P = 4 when a row fits in 8 lanes of K <= 2 columns, P = 2 when it fits in 16
+// lanes of K <= 4, as long as the P channels stay inside one batch and one B/C group and the grid keeps at
+// least 512 blocks (fewer would leave SMs idle at batch 1). (The packed K = 4 backward needs 120 registers,
+// one block per SM; measured at 56x56 it still beat the unpacked K = 2 one at two blocks per SM.)
+inline int pack_of(const Params& p) {
+  const long channels = (long)p.batch * p.dim;
+  const int per_group = p.dim / p.groups;
+  if (p.width <= 16 && per_group % 4 == 0 && channels / 4 >= 512) return 4;
+  if (p.width <= 64 && per_group % 2 == 0 && channels / 2 >= 512) return 2;
+  return 1;
+}
+
+template <typename T, bool kFwd, int K, int P>
+void launch_one(const Params& p, cudaStream_t stream) {
+  if constexpr (kFwd) launch(scan2d_fwd_kernel<T, K, P>, p, Smem<K, 2, 1>::bytes(), stream, P);
+  else launch(scan2d_bwd_kernel<T, K, P>, p, Smem<K, 3, 2>::bytes(), stream, P);
+}
+
+template <typename T, bool kFwd>
+void dispatch(const Params& p, cudaStream_t stream) {
+  switch (pack_of(p)) {
+    case 4:  // 8 lanes of K columns
+      if (cols_per_lane(4 * p.width) == 1) return launch_one<T, kFwd, 1, 4>(p, stream);
+      return launch_one<T, kFwd, 2, 4>(p, stream);
+    case 2:  // 16 lanes of K columns
+      switch (cols_per_lane(2 * p.width)) {
+        case 1: return launch_one<T, kFwd, 1, 2>(p, stream);
+        case 2: return launch_one<T, kFwd, 2, 2>(p, stream);
+        default: return launch_one<T, kFwd, 4, 2>(p, stream);
+      }
+    default:
+      switch (cols_per_lane(p.width)) {
+        case 1: return launch_one<T, kFwd, 1, 1>(p, stream);
+        case 2: return launch_one<T, kFwd, 2, 1>(p, stream);
+        case 4: return launch_one<T, kFwd, 4, 1>(p, stream);
+        default: return launch_one<T, kFwd, 8, 1>(p, stream);
+      }
   }
+}
+
+#define SCAN_DEFINE_LAUNCHERS(T, SUFFIX)                                                                   \
+  void scan2d_fwd_##SUFFIX(const Params& p, cudaStream_t stream) { dispatch<T, true>(p, stream); }       \
+  void scan2d_bwd_##SUFFIX(const Params& p, cudaStream_t stream) { dispatch<T, false>(p, stream); }
 
 }  // namespace scan
