@@ -49,7 +49,8 @@ def overrides(cohort, run_dir, model="abmil", task="demo", *extra) -> list[str]:
 
 
 def test_a_fold_writes_the_design_files(cohort, tmp_path):
-    cfg = compose_config(overrides(cohort, tmp_path / "run", "mamba2d"))
+    # device=cpu: the reload check below recomputes in fp32 on the CPU (on a GPU the trainer uses bf16 autocast)
+    cfg = compose_config(overrides(cohort, tmp_path / "run", "mamba2d", "demo", "device=cpu"))
     metrics = run_fold(cfg)
     fold = tmp_path / "run" / "fold_0"
     test = pd.read_csv(fold / "predictions_test.csv", dtype={"case_id": str, "slide_id": str})
