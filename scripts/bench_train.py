@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                       # 200 x 200 lattice, ~20 000 tissue cells, 1024-d
     python scripts/bench_train.py --side 24 --cells 300 --dim 64 --steps 5   # small, for a CPU
+    python scripts/bench_train.py --models mamba2d,abmil --profile          # + torch.profiler tables
 
 Every model is built from its configs/model/<name>.yaml (the trainer's defaults), trained on the same slide in
 one process, bf16 autocast on CUDA as in the trainer. The features sit on the device already (the step only).
@@ -14,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from wsi_pipeline.feature_grids import tissue_cells  # noqa: E402
 from wsi_pipeline.models import create_model  # noqa: E402
+from wsi_pipeline.train import make_optimizer  # noqa: E402
 
 
 def model_config(name: str) -> dict:
@@ -33,31 +36,66 @@ def model_config(name: str) -> dict:
     return cfg
 
 
-def bench_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, warmup: int, amp: bool) -> dict:
+def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor, amp: bool) -> Callable[[], None]:
+    """One training step of `name` (forward, loss, backward, AdamW) on the slide, as the trainer runs it."""
     device = feats.device
     torch.manual_seed(0)
     model = create_model(name, in_dim=feats.shape[1], n_classes=2, **model_config(name)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model.parameters(), lr=1e-4)
     label = torch.tensor([1], device=device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
             logits = model(feats, grid).logits
         loss = torch.nn.functional.cross_entropy(logits.float()[None], label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    return step
+
+
+def bench_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, warmup: int, amp: bool) -> dict:
+    step = make_step(name, feats, grid, amp)
+    cuda = feats.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step()
         if cuda:
             torch.cuda.synchronize()
-        if step >= warmup:
+        if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
     return {"model": name, "ms_per_step": statistics.median(times), "ms_min": min(times), "peak_mib": peak}
+
+
+def profile_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, amp: bool, rows: int) -> str:
+    """torch.profiler tables for `steps` steps after a warm-up: top ops by self device time, then by CPU total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step(name, feats, grid, amp)
+    cuda = feats.device.type == "cuda"
+    for _ in range(3):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    tables = [f"== {name}: {steps} steps, sorted by self {'CUDA' if cuda else 'CPU'} time"]
+    tables.append(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows))
+    tables.append(f"== {name}: {steps} steps, sorted by CPU total")
+    tables.append(events.table(sort_by="cpu_time_total", row_limit=rows))
+    return "\n".join(tables)
 
 
 def main() -> None:
@@ -71,6 +109,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of bf16 autocast")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the bench, print torch.profiler tables (self CUDA time, CPU total) per model")
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--profile-rows", type=int, default=25)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -87,6 +129,9 @@ def main() -> None:
         ratio = f"{r['ms_per_step'] / base:5.2f}x ABMIL" if base else ""
         print(f"{r['model']:>16}: {r['ms_per_step']:9.2f} ms/step (min {r['ms_min']:.2f})  "
               f"peak {r['peak_mib']:8.1f} MiB  {ratio}")
+    if args.profile:
+        for name in args.models.split(","):
+            print(profile_model(name, feats, grid, args.profile_steps, not args.no_amp, args.profile_rows))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "device": device_name,
                                          "results": results}, indent=2))

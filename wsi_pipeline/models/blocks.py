@@ -77,14 +77,16 @@ def build_lattice(grid: torch.Tensor, max_cells: int) -> Lattice:
     """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at
     most `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged)."""
     rc = grid.long() - grid.long().min(dim=0).values
-    height, width = (int(v) + 1 for v in rc.max(dim=0).values)
+    height, width = (v + 1 for v in rc.max(dim=0).values.tolist())  # one host sync for both sides
     stride = 1
     while math.ceil(height / stride) * math.ceil(width / stride) > max_cells:
         stride += 1
     rc = rc // stride
     height, width = math.ceil(height / stride), math.ceil(width / stride)
     cell = rc[:, 0] * width + rc[:, 1]
-    return Lattice(cell, torch.bincount(cell, minlength=height * width), height, width, stride)
+    # index_add rather than bincount: bincount on CUDA reads max(cell) back to the host (one more sync per step)
+    count = torch.zeros(height * width, dtype=torch.long, device=cell.device).index_add_(0, cell, torch.ones_like(cell))
+    return Lattice(cell, count, height, width, stride)
 
 
 def place_on_lattice(h: torch.Tensor, lattice: Lattice, pad: torch.Tensor) -> torch.Tensor:
@@ -117,8 +119,8 @@ class CausalConv1d(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel, padding=kernel - 1, groups=channels)
 
-    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, L, C)
-        return self.conv(u.transpose(1, 2))[..., : u.shape[1]].transpose(1, 2)
+    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, C, L), channels first
+        return self.conv(u)[..., : u.shape[-1]]
 
 
 class LatticeConv2d(nn.Module):
@@ -129,10 +131,9 @@ class LatticeConv2d(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
 
-    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, L, C)
-        b, _, c = u.shape
-        x = u.transpose(1, 2).reshape(b, c, *shape)
-        return self.conv(x).reshape(b, c, -1).transpose(1, 2)
+    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, C, L), channels first
+        b, c, _ = u.shape
+        return self.conv(u.reshape(b, c, *shape)).reshape(b, c, -1)  # views both ways: no layout copies
 
 
 def _scan_1d(u, delta, A, B, C, D, z, delta_bias, shape):
@@ -173,16 +174,18 @@ class MambaBlock(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, x: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
-        """x (B, L, d_model); `shape` = (height, width) of the lattice for the 2D scan."""
-        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)
+        """x (B, L, d_model); `shape` = (height, width) of the lattice for the 2D scan.
+
+        The mixer runs channels first, (B, channels, L), the layout of the conv and the scan: the projections
+        are written as W @ x^T (the same products as the nn.Linear layers, whose weights they use), so no
+        activation is ever transposed into a copy; only out_proj reads the scan's output transposed.
+        """
+        xz = torch.matmul(self.in_proj.weight, self.norm(x).transpose(1, 2))  # (B, 2 d_inner, L)
+        u, z = xz.chunk(2, dim=1)
         u = F.silu(self.conv(u, shape))
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)
-
-        def channels_first(t: torch.Tensor) -> torch.Tensor:
-            return t.transpose(1, 2).contiguous()
-
-        y = self._scan(channels_first(u), channels_first(delta), -torch.exp(self.A_log.float()),
-                       channels_first(B), channels_first(C), self.D.float(), channels_first(z),
+        dt, B, C = torch.matmul(self.x_proj.weight, u).split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.matmul(self.dt_proj.weight, dt)
+        y = self._scan(u, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
                        self.dt_proj.bias.float(), shape)
-        return x + self.out_proj(y.transpose(1, 2).to(x.dtype))
+        # No cast of y to x's dtype: under autocast out_proj would cast it straight back; x + ... promotes.
+        return x + F.linear(y.transpose(1, 2), self.out_proj.weight)

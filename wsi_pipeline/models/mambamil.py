@@ -27,8 +27,11 @@ class MambaMIL(nn.Module):
         self.head = nn.Linear(d_model, n_classes)
 
     def _orders(self, grid: torch.Tensor) -> list[torch.Tensor]:
-        rows, cols = raster_order(grid), raster_order(grid, column_major=True)
-        return [rows, rows.flip(0), cols, cols.flip(0)][: self.directions]
+        rows = raster_order(grid)
+        if self.directions == 1:  # the column order is only sorted for the cross-scan
+            return [rows]
+        cols = raster_order(grid, column_major=True)
+        return [rows, rows.flip(0), cols, cols.flip(0)]
 
     def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
         x = self.embed(features).float()  # float32 residual stream under bf16 autocast, as in mamba2d
