@@ -55,9 +55,6 @@ build-ops: setup
 bench-ops: build-ops
 	$(PY) scripts/bench_scan.py --out bench_out/scan.json $(ARGS)
 
-clean:
-	rm -rf build demo_out bench_out outputs multirun .pytest_cache
-
 # Feature-extraction throughput (reader-only, model-only, end-to-end) on a generated 40x JPEG slide cached
 # in bench_out/. CPU-sized by default; on a GPU machine: make bench-extract ARGS="--size 61440 --copies 8 --encoder uni --random-weights"
 bench-extract: setup
@@ -67,3 +64,11 @@ bench-extract: setup
 # ARGS="--side 24 --cells 300 --dim 64 --steps 5"
 bench-train: setup
 	$(PY) scripts/bench_train.py $(ARGS)
+
+# Every benchmark this machine can run: the CPU ones always, the GPU ones when CUDA is available.
+bench: bench-preprocess bench-extract
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(MAKE) bench-ops bench-train; \
+	else echo "no CUDA device: bench-ops and bench-train skipped (run them on a GPU machine)"; fi
+
+clean:
+	rm -rf build demo_out bench_out outputs multirun .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from wsi_pipeline.synthetic import Ellipse, SyntheticSlide, blobs, write_slide
 
@@ -39,3 +40,12 @@ def slide_20x(slide_factory) -> Path:
         "slide_20x.tif", width=4096, height=3072, mpp=0.5, app_mag=20,
         tissue=[Ellipse(e.cx / 2, e.cy / 2, e.rx / 2, e.ry / 2) for e in blobs(8192, 6144, 3, seed=1)],
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a test module on one torch thread (for modules of tiny tensors; see pytestmark there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

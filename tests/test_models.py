@@ -13,13 +13,8 @@ SMALL = dict(d_model=16, attn_hidden=16, dropout=0.0)
 SMALL_BY_MODEL = {"transmil": dict(d_model=16, heads=2, dropout=0.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and it does not spin against other processes on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one torch thread is as fast, and does not spin against other processes on a busy 2-core box.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_model(name: str, **extra) -> torch.nn.Module:

@@ -23,13 +23,8 @@ CLASSIFICATION_COLUMNS = ["case_id", "slide_id", "label", "pred", "prob_0", "pro
 SURVIVAL_COLUMNS = ["case_id", "slide_id", "survival_months", "censorship", "risk", "surv_0", "surv_1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and it does not spin against other processes on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: one torch thread is as fast, and does not spin against other processes on a busy 2-core box.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
