@@ -4,6 +4,7 @@ The compile goes to build/ops (cached: reruns take about a second; a cold build 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -26,12 +27,16 @@ def _have_nvcc() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _have_nvcc(), reason="no CUDA toolkit (nvcc) on this machine")
+# CI has nvcc (without a GPU): there the compile must run, so a build break cannot land as a skipped test.
+NVCC_REQUIRED = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.mark.skipif(not _have_nvcc() and not NVCC_REQUIRED, reason="no CUDA toolkit (nvcc) on this machine")
 def test_cuda_sources_compile_and_load():
     # A subprocess, so that the extension's import does not leak into this interpreter's state.
     code = "from ops import build; m = build.load(); print(sorted(n for n in dir(m) if not n.startswith('_')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**__import__("os").environ, "TORCH_CUDA_ARCH_LIST": "9.0"})
+                         env={**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"})
     assert out.returncode == 0, out.stderr[-4000:]
     assert "'m2d_bwd', 'm2d_fwd', 'scan2d_bwd', 'scan2d_fwd'" in out.stdout
 
