@@ -119,6 +119,8 @@ def test_heatmap_over_a_real_preprocessing_thumbnail(slide_40x, tmp_path):
     grid = read_patches(tmp_path / "patches" / "slide_40x.h5")
     canvas = heatmap.load_canvas(grid, "slide_40x", thumbnails=tmp_path)
     assert canvas.source == "thumbnail"
+    thumb_w = Image.open(tmp_path / "thumbnails" / "slide_40x.jpg").width
+    assert canvas.scale[0] == pytest.approx(thumb_w / 8192)  # exact: the patches file knows the slide's size
     first, cold = 0, int(np.argmax(grid.grid.sum(1) == grid.grid[0].sum() + 1))  # a neighbour of the first cell
     values = np.full(len(grid), 0.5)
     values[first], values[cold] = 1.0, 0.0

@@ -10,7 +10,7 @@ from wsi_pipeline.slide import Slide
 from wsi_pipeline.synthetic import blobs
 
 DESIGN_ATTRS = {"slide_id", "patch_size", "target_mpp", "level0_mpp", "patch_size_level0", "read_level", "read_size",
-                "grid_shape", "tissue_threshold", "format_version"}
+                "grid_shape", "tissue_threshold", "format_version", "level0_dimensions"}
 
 
 def brute_force_fraction(mask: np.ndarray, up: int, cell: int, shape: tuple[int, int]) -> np.ndarray:
@@ -97,6 +97,7 @@ def test_patch_grid_attrs_and_coords_inside_tissue(slide_40x, seg_40x):
     grid = patch_grid("slide_40x", seg.mask, seg.scale, dims, mpp, plan, 0.6)
     assert set(grid.attrs) == DESIGN_ATTRS
     assert grid.attrs["grid_shape"] == (24, 32) and grid.attrs["patch_size_level0"] == 256
+    assert grid.attrs["level0_dimensions"] == (8192, 6144)
     assert (grid.attrs["read_level"], grid.attrs["read_size"]) == (0, 256)
     assert grid.attrs["format_version"] == FORMAT_VERSION and grid.attrs["level0_mpp"] == 0.25
     np.testing.assert_array_equal(grid.coords, grid.grid[:, ::-1] * 256)

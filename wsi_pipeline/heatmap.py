@@ -109,13 +109,16 @@ def canvas_from_slide(path: str | Path, thumbnail_mpp: float = 16.0, max_size: i
 
 
 def canvas_from_thumbnail(path: str | Path, grid: PatchGrid, max_size: int = 1600) -> Canvas:
-    """A preprocessing thumbnail of the whole slide. The lattice holds the whole cells only
-    (`grid_shape = dimensions // patch_size_level0`), so the slide is taken to be half a cell larger
-    than the lattice: cells then land within half a cell of their place."""
+    """A preprocessing thumbnail of the whole slide, scaled by the slide's size (attr `level0_dimensions`).
+    Files without that attr hold only the lattice, which covers whole cells (`grid_shape = dimensions //
+    patch_size_level0`): the slide is then taken to be half a cell larger, so cells land within half a cell."""
     image = np.asarray(Image.open(path).convert("RGB"))
-    rows, cols = lattice_shape(grid)
-    step = int(grid.attrs["patch_size_level0"])
-    extent = ((cols + 0.5) * step, (rows + 0.5) * step)
+    if "level0_dimensions" in grid.attrs:
+        extent = tuple(float(v) for v in grid.attrs["level0_dimensions"])
+    else:
+        rows, cols = lattice_shape(grid)
+        step = int(grid.attrs["patch_size_level0"])
+        extent = ((cols + 0.5) * step, (rows + 0.5) * step)
     image, scale = _fit(image, (image.shape[1] / extent[0], image.shape[0] / extent[1]), max_size)
     return Canvas(image, scale, "thumbnail")
 

@@ -79,5 +79,6 @@ def patch_grid(slide_id: str, mask: np.ndarray, scale: tuple[float, float], dime
         slide_id=slide_id, patch_size=plan.patch_size, target_mpp=plan.target_mpp, level0_mpp=level0_mpp,
         patch_size_level0=plan.patch_size_level0, read_level=plan.read_level, read_size=plan.read_size,
         grid_shape=shape, tissue_threshold=tissue_threshold, format_version=FORMAT_VERSION,
+        level0_dimensions=tuple(int(v) for v in dimensions),  # (width, height): lets QC/heatmaps place cells exactly
     )
     return PatchGrid(coords, grid, attrs)
