@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from wsi_pipeline.feature_grids import write_cohort
 from wsi_pipeline.h5io import read_features, write_features
 from wsi_pipeline.models import create_model
+from wsi_pipeline import train as train_module
 from wsi_pipeline.train import NonFiniteLoss, RunDirMismatch, compose_config, run_fold
 
 CLASSIFICATION_COLUMNS = ["case_id", "slide_id", "label", "pred", "prob_0", "prob_1"]
@@ -98,6 +99,39 @@ def test_a_resumed_sweep_skips_finished_folds(cohort, tmp_path):
     assert summary.loc["mean", "accuracy"] == pytest.approx(summary.loc[["0", "1"], "accuracy"].astype(float).mean())
     with pytest.raises(RunDirMismatch, match="train"):
         run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", "fold=1", "train.lr=0.5")))
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_fold_killed_mid_training_resumes_from_its_last_epoch(cohort, tmp_path, monkeypatch):
+    """Kill a 4-epoch fold during epoch 2; the re-run trains only epochs 2-3 and ends where an unkilled run ends."""
+    extra = ("train.epochs=4", "model.dropout=0.3")  # dropout: the resumed run must restore the RNG too
+    whole = run_fold(compose_config(overrides(cohort, tmp_path / "whole", "mamba2d", "demo", *extra)))
+    real_epoch, epochs_run, kills = train_module.train_epoch, [], []
+
+    def killed_at_epoch_2(*args, **kwargs):
+        epoch = args[5]
+        epochs_run.append(epoch)
+        if epoch == 2 and not kills:
+            kills.append(epoch)
+            raise Killed  # a BaseException, as a kill or Ctrl-C: no handler of the trainer's gets to clean up
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", killed_at_epoch_2)
+    cfg = compose_config(overrides(cohort, tmp_path / "killed", "mamba2d", "demo", *extra))
+    with pytest.raises(Killed):
+        run_fold(cfg)
+    assert (tmp_path / "killed" / "fold_0" / "resume.pt").is_file()
+    epochs_run.clear()
+    resumed = run_fold(cfg)
+    assert epochs_run == [2, 3]
+    assert resumed["train_loss"] == whole["train_loss"] and resumed["test"] == whole["test"]
+    assert resumed["best_epoch"] == whole["best_epoch"]
+    assert not (tmp_path / "killed" / "fold_0" / "resume.pt").exists()  # a finished fold keeps no resume state
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / "fold_0" / "predictions_test.csv"),
+                                  pd.read_csv(tmp_path / "whole" / "fold_0" / "predictions_test.csv"))
 
 
 def test_nan_loss_stops_names_the_slide_and_keeps_the_good_checkpoint(cohort, tmp_path):

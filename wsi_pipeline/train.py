@@ -168,15 +168,22 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.01) -> torch.optim
 
 def fit(model, train: FeatureBags, val: FeatureBags, task: Task, settings: TrainSettings,
         checkpoint: Path | None = None, extra: dict | None = None) -> dict:
-    """AdamW + cosine schedule; keeps the weights of the best validation `task.monitor` (the later epoch on ties: a saturated
-    metric such as AUC 1.0 on a small validation split should not freeze the model at its first epoch)
-    in memory and, when `checkpoint` is given, on disk. Returns {best_epoch, val metrics, train losses}."""
+    """AdamW + cosine schedule; keeps the weights of the best validation `task.monitor` (the later epoch on ties:
+    a saturated metric such as AUC 1.0 on a small validation split should not freeze the model at its first
+    epoch) in memory and, when `checkpoint` is given, on disk. With a checkpoint, the training state is also saved
+    after every epoch (`resume.pt` beside it), so a killed fold goes on from its last finished epoch.
+    Returns {best_epoch, val metrics, train losses}."""
     model.to(settings.device)
     optimizer = make_optimizer(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(settings.epochs, 1))
     best = {"score": -math.inf, "epoch": -1, "state": None, "val": {}}
-    history = []
-    for epoch in range(settings.epochs):
+    history: list[float] = []
+    resume = checkpoint.with_name(RESUME_NAME) if checkpoint is not None else None
+    start = 0
+    if resume is not None and resume.is_file():
+        start, best, history = _load_resume(resume, model, optimizer, scheduler)
+        log.info("%s: resuming after epoch %d of %d", resume, start - 1, settings.epochs)
+    for epoch in range(start, settings.epochs):
         last_good = str(checkpoint) if best["state"] is not None and checkpoint else "none yet"
         history.append(train_epoch(model, train, task, optimizer, settings, epoch, last_good))
         scheduler.step()
@@ -187,8 +194,40 @@ def fit(model, train: FeatureBags, val: FeatureBags, task: Task, settings: Train
             best = {"score": _score(val_metrics, task.monitor), "epoch": epoch, "state": state, "val": val_metrics}
             if checkpoint is not None:
                 save_checkpoint(checkpoint, state, {**(extra or {}), "epoch": epoch})
+        if resume is not None:
+            _save_resume(resume, epoch, model, optimizer, scheduler, best, history)
     model.load_state_dict(best["state"])
+    if resume is not None:
+        resume.unlink(missing_ok=True)
     return {"best_epoch": best["epoch"], "val": best["val"], "train_loss": history}
+
+
+RESUME_NAME = "resume.pt"
+
+
+def _save_resume(path: Path, epoch: int, model, optimizer, scheduler, best: dict, history: list[float]) -> None:
+    """Everything the next epoch depends on: weights, optimiser and schedule, the best so far, the RNG."""
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "best": best, "history": history,
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_resume(path: Path, model, optimizer, scheduler) -> tuple[int, dict, list[float]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file means: start the fold afresh
+        log.warning("%s: unreadable (%s); training this fold from the start", path, err)
+        return 0, {"score": -math.inf, "epoch": -1, "state": None, "val": {}}, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"] + 1, state["best"], state["history"]
 
 
 def save_checkpoint(path: Path, state: dict, meta: dict) -> None:
@@ -248,6 +287,8 @@ def run_fold(cfg: DictConfig) -> dict | None:
         write_summary(run_dir)
         return None
     (fold_dir / "metrics.json").unlink(missing_ok=True)
+    if cfg.overwrite:
+        (fold_dir / RESUME_NAME).unlink(missing_ok=True)  # retrain from the start, not from a killed run
     splits, bins = load_fold_data(cfg, task)
     in_dim = int(read_attrs(splits["train"].frame.path[0]).get("embed_dim") or splits["train"][0].features.shape[1])
     settings = _settings(cfg)
