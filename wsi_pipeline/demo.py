@@ -2,9 +2,11 @@
 
     python -m wsi_pipeline.demo [--out demo_out]
 
-Each step is a function of the `Demo` folders, listed in STEPS; later stages (extract, train,
-report) are appended there. Every step resumes: generated slides are kept and each stage skips
-slides it has already finished, so a second `make demo` is quick.
+Each step is a function of the `Demo` folders, listed in STEPS: generate the slides and labels,
+preprocess, extract features (random_proj_demo, not a pathology model), split, train 2DMambaMIL and
+ABMIL on a classification and a survival task, and report. Every step goes through the same code as
+its command-line app and resumes: slides are kept, stages skip finished slides, the trainer skips
+finished folds, so a second `make demo` is quick.
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ def extract(demo: Demo) -> None:
                         f"out={demo.features}", f"encoder={DEMO_ENCODER}"]))
 
 
-# What the demo trains: (task config, labels-derived task) x models; folds from DEMO_FOLDS split files.
+# What the demo trains: every task config x every model, over DEMO_FOLDS patient-level folds.
 DEMO_TASKS = ("demo", "demo_survival")
 DEMO_MODELS = ("mamba2d", "abmil")
 DEMO_FOLDS = 3
@@ -147,7 +149,8 @@ def train(demo: Demo) -> None:
                 run_fold(compose_config([
                     f"task={task}", f"model={model}", f"fold={fold}", f"features={demo.encoder_features}",
                     f"task.labels_csv={demo.labels}", f"task.splits_dir={demo.splits}",
-                    f"run_dir={demo.runs / task / model}", f"train.epochs={DEMO_EPOCHS}", f"train.lr={DEMO_LR}", "train.workers=0",
+                    f"run_dir={demo.runs / task / model}", f"train.epochs={DEMO_EPOCHS}", f"train.lr={DEMO_LR}",
+                    "train.workers=0",
                 ]))
 
 
