@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from wsi_pipeline.encoders import UNI_ARCHITECTURE  # noqa: E402
-from wsi_pipeline.extract import CONFIG_DIR, CellKey, Extractor, Shard, build_encoder, make_loader, pick_device, run  # noqa: E402
+from wsi_pipeline.config import compose_app  # noqa: E402
+from wsi_pipeline.extract import CellKey, Extractor, Shard, build_encoder, make_loader, pick_device, run  # noqa: E402
 from wsi_pipeline.h5io import write_patches  # noqa: E402
 from wsi_pipeline.patch_reader import choose_reader  # noqa: E402
 from wsi_pipeline.slide import Slide  # noqa: E402
@@ -145,8 +145,7 @@ def main() -> None:
     overrides = [f"slides={slides}", f"patches={patches}", f"out={root / 'features'}", f"encoder={args.encoder}",
                  f"batch_size={args.batch_size}", f"num_workers={args.num_workers}", "overwrite=true",
                  f"compile={args.compile}"] + ([f"encoder.weights={weights}"] if weights else [])
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("extract", overrides=overrides)
+    cfg = compose_app("extract", overrides)
 
     start = time.perf_counter()
     encoder = build_encoder(cfg)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from wsi_pipeline.encoders import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, UNI_ARCHITECTURE, WeightsError,
                                    create_encoder)
-from wsi_pipeline.extract import CONFIG_DIR
+from wsi_pipeline.config import CONFIG_DIR
 
 
 def test_every_registered_encoder_has_one_config_and_back():

@@ -41,10 +41,10 @@ def test_cuda_sources_compile_and_load():
     assert "'m2d_bwd', 'm2d_fwd', 'scan2d_bwd', 'scan2d_fwd'" in out.stdout
 
 
+@pytest.mark.skipif(not _have_nvcc() and not NVCC_REQUIRED, reason="no CUDA toolkit (nvcc) on this machine")
 def test_cuda_home_follows_a_wrapper_script(tmp_path, monkeypatch):
     real = shutil.which("nvcc")
-    if real is None or not _have_nvcc():
-        pytest.skip("no nvcc here")
+    assert real is not None, "nvcc is not on PATH"
     toolkit = build.cuda_home()
     wrapper = tmp_path / "bin" / "nvcc"
     wrapper.parent.mkdir()

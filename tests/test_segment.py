@@ -7,7 +7,7 @@ import pytest
 
 from wsi_pipeline.segment import SegmentParams, segment_image, segment_slide, to_geojson, write_geojson
 from wsi_pipeline.slide import Slide
-from wsi_pipeline.synthetic import BACKGROUND_RGB, Ellipse, SyntheticSlide, blobs
+from wsi_pipeline.synthetic import BACKGROUND_RGB, Ellipse, blobs
 
 TISSUE_RGB = (222, 140, 180)
 

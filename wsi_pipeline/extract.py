@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
+from .config import CONFIG_DIR, compose_app
 from .encoders import Encoder, WeightsError, create_encoder
 from .h5io import FeatureGrid, FormatError, Manifest, PatchGrid, read_patches, write_features
 from .patch_reader import READERS, PatchReader, SlideSource, choose_reader
@@ -38,7 +39,6 @@ from .stage import Outcome, run_per_slide
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PLAN_ATTRS = ("target_mpp", "patch_size", "patch_size_level0", "read_level", "read_size")
 OPEN_READERS_PER_WORKER = 2  # the slide in progress and the next one
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -424,10 +424,7 @@ def run(cfg: DictConfig, encoder: Encoder | None = None) -> list[Outcome]:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """configs/extract.yaml with command-line style overrides, as the Hydra app would see it."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="extract", overrides=overrides)
+    return compose_app("extract", overrides)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="extract", version_base="1.3")

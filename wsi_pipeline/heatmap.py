@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy.stats import rankdata
 
-from wsi_pipeline.h5io import FormatError, PatchGrid, read_patches
+from wsi_pipeline.h5io import FormatError, PatchGrid
 from wsi_pipeline.slide import SLIDE_EXTENSIONS, Slide, SlideError
 
 log = logging.getLogger(__name__)

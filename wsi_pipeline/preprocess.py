@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .h5io import Manifest, PatchGrid, write_patches
+from .config import CONFIG_DIR, compose_app
 from .patching import PatchParams, lattice_shape, patch_grid
 from .qc import draw_qc, write_thumbnail
 from .segment import SegmentParams, Segmentation, segment_slide, write_geojson
@@ -26,7 +27,6 @@ from .stage import Outcome, run_per_slide
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,7 @@ def run(cfg: DictConfig) -> list[Outcome]:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """configs/preprocess.yaml with command-line style overrides, as the Hydra app would see it."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="preprocess", overrides=overrides)
+    return compose_app("preprocess", overrides)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="preprocess", version_base="1.3")

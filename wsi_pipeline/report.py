@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import hydra
-from hydra import compose, initialize_config_dir
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -28,12 +27,12 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 from tqdm import tqdm
 
 from wsi_pipeline import heatmap, plots, stats
+from wsi_pipeline.config import CONFIG_DIR, compose_app
 from wsi_pipeline.h5io import FormatError, atomic_path, read_patches
 from wsi_pipeline.run_dir import Fold, ReportError, Run, event_arrays, load_run, prob_columns
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 REPORT_NAME = "report.md"
 
 
@@ -332,8 +331,7 @@ def default_out(run_dirs: Sequence[str], out: str | None) -> str:
 
 def report_config(*overrides: str) -> DictConfig:
     """configs/report.yaml composed with Hydra overrides (for calling `make_reports` from Python, e.g. the demo)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("report", overrides=["run=unused", *overrides])
+    return compose_app("report", ["run=unused", *overrides])
 
 
 def make_reports(run_dirs: Sequence[str], cfg: DictConfig | None = None) -> list[Path]:

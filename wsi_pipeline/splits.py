@@ -18,11 +18,11 @@ import pandas as pd
 from omegaconf import DictConfig
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from .config import CONFIG_DIR
 from .data import SPLIT_COLUMNS, DataError
 from .h5io import atomic_path
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def case_strata(labels: pd.DataFrame) -> pd.Series:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import data
+from .config import CONFIG_DIR, compose_app
 from .data import Bag, DataError, FeatureBags, Task
 from .h5io import FormatError, atomic_path, read_attrs
 from .losses import cross_entropy, nll_survival
@@ -35,7 +36,6 @@ from .metrics import compute_metrics
 from .models import create_model, survival_from_logits
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 FOLD_KEYS = ("fold", "overwrite")  # config keys that may differ between the folds of one run dir
 
 
@@ -344,10 +344,7 @@ def write_summary(run_dir: Path) -> pd.DataFrame:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """configs/train.yaml with command-line style overrides, as the Hydra app would see it."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_app("train", overrides)
 
 
 EXPECTED_ERRORS = (DataError, FormatError, NonFiniteLoss, RunDirMismatch)
