@@ -1,8 +1,7 @@
 """Public scans with autograd: CUDA kernels on CUDA tensors, the pure-PyTorch reference otherwise.
 
-The kernels compute the recurrences (y = sum_n <C, h>, with delta_bias and softplus applied inside) and their
-gradients; the elementwise ends (D u, the silu(z) gate) are the reference's own `_output`, so both paths share
-that code and autograd handles it. Backend choice: CUDA tensors of float32/float16/bfloat16 use the kernels when
+The kernels compute the whole operator, elementwise ends included (delta_bias and softplus, D u, the silu(z)
+gate), and every gradient; this module adapts dtypes, shapes and alignment. Backend choice: CUDA tensors of float32/float16/bfloat16 use the kernels when
 the extension builds; `WSI_PIPELINE_SCAN=reference` forces the reference; without nvcc, or when the build
 fails, the reference is used with one warning.
 """
@@ -75,43 +74,40 @@ def _as(grad: torch.Tensor | None, spec: tuple | None) -> torch.Tensor | None:
 
 
 class _Scan2d(torch.autograd.Function):
-    """y = sum_n <C, h> of the 2D scan (fp32), with delta = softplus(delta + delta_bias) applied in the kernel."""
+    """out = (sum_n <C, h> + D u) * silu(z) of the 2D scan in u's dtype, with delta = softplus(delta + delta_bias)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, delta_bias, softplus: bool, height: int, width: int):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, height: int, width: int):
         dtype = u.dtype
         ins = (_aligned(u), _aligned(delta.to(dtype)), A.float().contiguous(), _grouped(B, dtype),
-               _grouped(C, dtype), None if delta_bias is None else delta_bias.float().contiguous())
-        y, ckpt = extension().scan2d_fwd(*ins, softplus, height, width, STRIP)
-        ctx.save_for_backward(*ins[:5], ins[5], ckpt)
-        ctx.meta = (softplus, height, width, *map(_spec, (delta, A, B, C, delta_bias)))
-        return y
+               _grouped(C, dtype), None if D is None else D.float().contiguous(),
+               None if z is None else _aligned(z.to(dtype)),
+               None if delta_bias is None else delta_bias.float().contiguous())
+        out, ypre, ckpt = extension().scan2d_fwd(*ins, softplus, height, width, STRIP)
+        ctx.save_for_backward(*ins, ckpt, ypre)
+        ctx.meta = (softplus, height, width, *map(_spec, (delta, A, B, C, D, z, delta_bias)))
+        return out
 
     @staticmethod
-    def backward(ctx, dy):
-        u, delta, A, B, C, bias, ckpt = ctx.saved_tensors
-        softplus, height, width, delta0, A0, B0, C0, bias0 = ctx.meta
-        du, ddelta, dA, dB, dC = extension().scan2d_bwd(u, delta, A, B, C, bias, softplus, height, width, STRIP,
-                                                       ckpt, dy.float().contiguous())
-        if softplus:
-            ddelta = ddelta * torch.sigmoid(delta.float() + (0 if bias is None else bias[:, None]))
-        dbias = ddelta.sum((0, 2)) if bias is not None else None
-        return (du.to(u.dtype), _as(ddelta, delta0), _as(dA, A0), _as(dB, B0), _as(dC, C0), _as(dbias, bias0),
-                None, None, None)
+    def backward(ctx, dout):
+        *ins, ckpt, ypre = ctx.saved_tensors
+        softplus, height, width, *specs = ctx.meta
+        du, *grads = extension().scan2d_bwd(*ins, softplus, height, width, STRIP, ckpt, ypre,
+                                            _aligned(dout.to(ins[0].dtype)))
+        return (du, *(_as(g, spec) for g, spec in zip(grads, specs)), None, None, None)
 
 
 def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                       height: int, width: int):
     """2DMamba's scan (see `selective_scan_2d_ref` for the math); CUDA kernel with autograd on CUDA tensors.
 
-    u, delta, B, C are used in u's dtype (fp32/fp16/bf16; states and sums in fp32); A, D, delta_bias in fp32.
+    u, delta, B, C, z are used in u's dtype (fp32/fp16/bf16; states and sums in fp32); A, D, delta_bias in fp32.
     """
     if not _use_kernel(u):
         return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, height=height, width=width)
     if height * width != u.shape[-1]:
         raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {u.shape[-1]}")
-    y = _Scan2d.apply(u, delta, A, B, C, delta_bias, bool(delta_softplus), int(height), int(width))
-    return _output(u.float(), y, D, z, u.dtype)
+    return _Scan2d.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), int(height), int(width))
 
 
 def selective_scan_1d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

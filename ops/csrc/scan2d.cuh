@@ -16,10 +16,15 @@
 // the segments' dB, dC are summed by shuffles before the atomics. A block is then (P channels, 16 states).
 // The forward keeps h only at strip boundaries (every `strip` rows, the checkpoints); the backward walks the
 // strips bottom-up, recomputes the strip's states from its checkpoint, then runs the adjoint recurrences.
+// The elementwise ends are fused (v9): the forward's drain writes out = (sum_n C h + D u) * silu(z) in the input
+// dtype; the backward stages dy = dout * silu(z) and its drain writes du (+ D dy), d delta (times softplus'), dz,
+// and sums dD and d delta_bias per thread, added once per block at the end.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <algorithm>
 
 #include "scan_params.h"
 
@@ -33,7 +38,24 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// Step s of a walk over rows of nt tiles: (row, tile), without a division when a row is one tile.
+__device__ __forceinline__ int2 split_step(int s, int nt) {
+  if (nt == 1) return make_int2(s, 0);
+  const int i = s / nt;
+  return make_int2(i, s - i * nt);
+}
 
 // 4 floats of padding per 32 columns: a lane's K <= 8 values stay contiguous and 16-byte aligned, and neither
 // 16-byte accesses by lanes (K values each) nor 4-byte accesses by consecutive threads conflict on banks.
@@ -94,13 +116,12 @@ struct Smem {
   }
 };
 
-// Stages delta (after bias and softplus), u and optionally dy for the kWindow steps of a window;
-// where(slot, i, t) gives the step's row and tile (i < 0: past the end). Called by the whole block.
-// With P channels per warp, shared column col belongs to segment col / (TILE / P) (the channel
+// Stages delta (after bias and softplus), u and, for the backward (kDy), dy = dout * silu(z) for the kWindow
+// steps of a window; where(slot, i, t) gives the step's row and tile (i < 0: past the end). Called by the whole
+// block. With P channels per warp, shared column col belongs to segment col / (TILE / P) (the channel
 // blockIdx.x * P + segment; the P channels are consecutive within one batch).
-template <typename T, int K, int P, class S, class Where>
-__device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& ch, const S& sm, Where where,
-                                             const float* dy) {
+template <typename T, int K, int P, bool kDy, class S, class Where>
+__device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& ch, const S& sm, Where where) {
   constexpr int TILE = 32 * K, SEGT = TILE / P;
   for (int idx = threadIdx.x; idx < kWindow * TILE; idx += blockDim.x) {
     const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT, ds = seg - ch.seg;
@@ -113,11 +134,18 @@ __device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& 
       dt = to_float(ch.delta[l]) + (P == 1 ? ch.bias : p.delta_bias ? p.delta_bias[ch.d + ds] : 0.f);
       if (p.softplus) dt = softplus(dt);
       uu = to_float(ch.u[l]);
-      if (dy) g = dy[(long)ch.c * ch.L + l];
+      if constexpr (kDy) {
+        const long m = (long)ch.c * ch.L + l;
+        g = to_float(static_cast<const T*>(p.dout)[m]);
+        if (p.z) {
+          const float zz = to_float(static_cast<const T*>(p.z)[m]);
+          g *= zz * sigmoid(zz);
+        }
+      }
     }
     sm.stage(0, slot, col) = dt;  // zero past the row's end: dA = 1 and dBu = 0 there (identity)
     sm.stage(1, slot, col) = uu;
-    if (dy) sm.stage(2, slot, col) = g;
+    if constexpr (kDy) sm.stage(2, slot, col) = g;
   }
 }
 
@@ -176,11 +204,6 @@ __device__ __forceinline__ float warp_scan_rev_in(float a, float b, float& carry
   return in;
 }
 
-__device__ __forceinline__ void store_out(float* out, long l, float v, bool atomic) {
-  if (atomic) atomicAdd(out + l, v);
-  else out[l] = v;
-}
-
 // Adds vals to out[l0 .. l0+K) (K consecutive columns, the first `valid` of them inside the row), with 16-byte
 // atomics where the row layout keeps them aligned (vec4), else one float at a time.
 template <int K>
@@ -228,32 +251,37 @@ __device__ __forceinline__ void sts(float* dst, const float (&v)[K]) {
   }
 }
 
-// K consecutive values of global memory as floats, zero past `valid`; one wide load when `vec` (the caller
-// checked the alignment) and the K values are all inside the row. kReadOnly: through the non-coherent cache,
-// only for tensors no thread of the kernel writes.
+// row[j0 .. j0+K) of global memory as floats, zero past `valid` (= the row's width - j0). One wide load when
+// `vec` (the caller checked the row's alignment) and the K values are all inside the row; lanes wholly past the
+// row's end (valid <= 0) take the same wide load from the row's start and zero it, so a row whose width is a
+// multiple of K loads without divergence (v9; before, those lanes ran the scalar path beside the others).
+// kReadOnly: through the non-coherent cache, only for tensors no thread of the kernel writes.
 template <typename T, int K, bool kReadOnly = true>
-__device__ __forceinline__ void ldg(const T* src, int valid, bool vec, float (&v)[K]) {
+__device__ __forceinline__ void ldg(const T* row, int j0, int valid, bool vec, float (&v)[K]) {
   constexpr int kBytes = K * sizeof(T);
-  if (vec && valid >= K) {
-    if constexpr (kBytes % 16 == 0) {
-      uint4 raw[kBytes / 16];
+  if constexpr (kBytes % 16 == 0 || kBytes == 8) {
+    if (vec && (valid >= K || valid <= 0)) {
+      const T* src = row + (valid > 0 ? j0 : 0);
+      const bool keep = valid > 0;
+      if constexpr (kBytes % 16 == 0) {
+        uint4 raw[kBytes / 16];
 #pragma unroll
-      for (int q = 0; q < kBytes / 16; ++q)
-        raw[q] = kReadOnly ? __ldg(reinterpret_cast<const uint4*>(src) + q) : reinterpret_cast<const uint4*>(src)[q];
-      const T* t = reinterpret_cast<const T*>(raw);
+        for (int q = 0; q < kBytes / 16; ++q)
+          raw[q] = kReadOnly ? __ldg(reinterpret_cast<const uint4*>(src) + q) : reinterpret_cast<const uint4*>(src)[q];
+        const T* t = reinterpret_cast<const T*>(raw);
 #pragma unroll
-      for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
-      return;
-    } else if constexpr (kBytes == 8) {
-      const uint2 raw = kReadOnly ? __ldg(reinterpret_cast<const uint2*>(src)) : *reinterpret_cast<const uint2*>(src);
-      const T* t = reinterpret_cast<const T*>(&raw);
+        for (int k = 0; k < K; ++k) v[k] = keep ? to_float(t[k]) : 0.f;
+      } else {
+        const uint2 raw = kReadOnly ? __ldg(reinterpret_cast<const uint2*>(src)) : *reinterpret_cast<const uint2*>(src);
+        const T* t = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int k = 0; k < K; ++k) v[k] = to_float(t[k]);
+        for (int k = 0; k < K; ++k) v[k] = keep ? to_float(t[k]) : 0.f;
+      }
       return;
     }
   }
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(src[k]) : 0.f;
+  for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(row[j0 + k]) : 0.f;
 }
 
 // K floats to global memory, the first `valid` of them; 16-byte stores when `vec` and all K are inside the row.
@@ -282,13 +310,13 @@ __device__ __forceinline__ bool wide_ok(int width) { return (width * (int)sizeof
 // dA = exp(delta A) and dBu = delta u B for the lane's K columns of a staged step (zero past `valid`), and the
 // lane's composed map x -> a x + b over them, returned as (a, b).
 template <typename T, int K, class S>
-__device__ __forceinline__ float2 discretise(const S& sm, int slot, const Channel<T>& ch, int l0, int valid,
-                                             bool vec, float (&dA)[K], float (&bu)[K]) {
+__device__ __forceinline__ float2 discretise(const S& sm, int slot, const Channel<T>& ch, int row, int j0,
+                                             int valid, bool vec, float (&dA)[K], float (&bu)[K]) {
   const int lane = threadIdx.x & 31;
   float dt[K], uu[K], a = 1.f, b = 0.f;
   lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
   lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
-  ldg<T, K>(ch.B + l0, valid, vec, bu);
+  ldg<T, K>(ch.B + row, j0, valid, vec, bu);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     dA[k] = exp2f(dt[k] * ch.a2);
@@ -299,6 +327,27 @@ __device__ __forceinline__ float2 discretise(const S& sm, int slot, const Channe
   return make_float2(a, b);
 }
 
+// The forward's elementwise end at element l of the (batch, dim, L) tensors, channel d, given sum_n C h.
+template <typename T>
+__device__ __forceinline__ void finish_forward(const Params& p, int d, long l, float ysum) {
+  float v = ysum;
+  if (p.D) v += p.D[d] * to_float(static_cast<const T*>(p.u)[l]);
+  if (p.z) {
+    p.ypre[l] = v;
+    const float zz = to_float(static_cast<const T*>(p.z)[l]);
+    v *= zz * sigmoid(zz);
+  }
+  static_cast<T*>(p.out)[l] = from_float<T>(v);
+}
+
+// With atomic_out the blocks of a channel have added their sums into ypre; this writes out (and ypre).
+template <typename T>
+__global__ void scan2d_finish_kernel(Params p) {
+  const long L = (long)p.height * p.width, total = (long)p.batch * p.dim * L;
+  for (long l = blockIdx.x * (long)blockDim.x + threadIdx.x; l < total; l += (long)gridDim.x * blockDim.x)
+    finish_forward<T>(p, (int)((l / L) % p.dim), l, p.ypre[l]);
+}
+
 template <typename T, int K, int P>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
   constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
@@ -307,38 +356,47 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
   const Channel<T> ch(p, SEGT, P);
   const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = ch.ntiles, steps = H * nt;
+  const long c0 = (long)blockIdx.x * P;  // the block's first channel
+  const int d0 = (int)(c0 % p.dim);
   float* carry = p.carry + ch.cn * W;
   float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
-  float* y = p.y + (long)blockIdx.x * P * ch.L;  // the block's first channel
   float hv[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) hv[k] = 0.f;
   float gc = 0.f;  // horizontal carry between the tiles of a row
   auto stage = [&](int s0) {
-    stage_window<T, K, P>(p, ch, sm, [&](int slot, int& i, int& t) {
+    stage_window<T, K, P, false>(p, ch, sm, [&](int slot, int& i, int& t) {
       const int s = s0 + slot;
-      i = s < steps ? s / nt : -1;
-      t = s - (s / nt) * nt;
-    }, nullptr);
+      const int2 it = split_step(s, nt);
+      i = s < steps ? it.x : -1;
+      t = it.y;
+    });
   };
   auto drain = [&](int s0, int count) {
     for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
-      const int slot = idx / TILE, col = idx - slot * TILE, s = s0 + slot, i = s / nt, seg = col / SEGT;
-      const int j = (s - i * nt) * SEGT + col - seg * SEGT;
-      if (j < W) store_out(y + seg * ch.L, (long)i * W + j, sm.sum(0, slot, col, nwarps), p.atomic_out);
+      const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT;
+      const int2 it = split_step(s0 + slot, nt);
+      const int j = it.y * SEGT + col - seg * SEGT;
+      if (j < W) {
+        const long l = (c0 + seg) * ch.L + (long)it.x * W + j;
+        const float v = sm.sum(0, slot, col, nwarps);
+        if (p.atomic_out) atomicAdd(p.ypre + l, v);
+        else finish_forward<T>(p, d0 + seg, l, v);
+      }
     }
   };
   const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
   auto step = [&](int s, int slot) {
-    const int i = nt == 1 ? s : s / nt, t = s - i * nt, j0 = t * SEGT + slane * K, l0 = i * W + j0;
+    const int2 it = split_step(s, nt);
+    const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
     const int valid = ch.active ? W - j0 : 0;
     if (t == 0) gc = 0.f;
     float dA[K], bu[K], cc[K];
-    ldg<T, K>(ch.C + l0, valid, vec, cc);
-    const float2 ab = discretise<T, K>(sm, slot, ch, l0, valid, vec, dA, bu);
+    ldg<T, K>(ch.C + i * W, j0, valid, vec, cc);
+    const float2 ab = discretise<T, K>(sm, slot, ch, i * W, j0, valid, vec, dA, bu);
     float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
     if (nt > 1) {
-      if (i > 0) ldg<float, K, false>(carry + j0, valid, vecf, hv);
+      if (i > 0) ldg<float, K, false>(carry, j0, valid, vecf, hv);
       else for (int k = 0; k < K; ++k) hv[k] = 0.f;
     }
     float yv[K];
@@ -349,18 +407,50 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
       yv[k] = cc[k] * hv[k];
     }
     sts<K>(&sm.part(0, slot, warp, lane * K), yv);
-    if (valid > 0 && (((i + 1) % kStrip == 0 && i + 1 < H) || (nt > 1 && i + 1 < H))) {
-      float* dst = (i + 1) % kStrip == 0 && i + 1 < H ? ckpt + ((i + 1) / kStrip - 1) * W : nullptr;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (k < valid) {
-          if (dst) dst[j0 + k] = hv[k];
-          if (nt > 1) carry[j0 + k] = hv[k];
-        }
-      }
+    if (i + 1 < H) {
+      if ((i + 1) % kStrip == 0) stg<K>(ckpt + ((i + 1) / kStrip - 1) * W + j0, valid, vecf, hv);
+      if (nt > 1) stg<K>(carry + j0, valid, vecf, hv);
     }
   };
   windows(steps, stage, step, drain);
+}
+
+template <int P>
+__device__ __forceinline__ void add_to(float (&acc)[P], int seg, float v) {
+#pragma unroll
+  for (int q = 0; q < P; ++q)
+    if (q == seg) acc[q] += v;
+}
+
+// The backward's elementwise end at element l, channel d (segment seg of the block), given the sums over the
+// block's states of d(sum_n C h)/du and /d(delta after softplus): writes du (+ D dy), d delta (times softplus'),
+// dz; adds dy u and d delta to the segment's dD and d delta_bias sums. The block of states 0-15 (blockIdx.y 0)
+// adds the terms that do not depend on the states.
+template <typename T, int P>
+__device__ __forceinline__ void finish_backward(const Params& p, int d, long l, float du, float dd, int seg,
+                                                float (&accD)[P], float (&accB)[P]) {
+  const bool first = blockIdx.y == 0;
+  const float g = to_float(static_cast<const T*>(p.dout)[l]);
+  float dy = g;
+  if (p.z) {
+    const float zz = to_float(static_cast<const T*>(p.z)[l]), sg = sigmoid(zz);
+    dy = g * zz * sg;
+    if (first) static_cast<T*>(p.dz)[l] = from_float<T>(g * p.ypre[l] * sg * (1.f + zz * (1.f - sg)));
+  }
+  if (p.D && first) {
+    du += p.D[d] * dy;
+    add_to<P>(accD, seg, dy * to_float(static_cast<const T*>(p.u)[l]));
+  }
+  if (p.softplus)
+    dd *= sigmoid(to_float(static_cast<const T*>(p.delta)[l]) + (p.delta_bias ? p.delta_bias[d] : 0.f));
+  add_to<P>(accB, seg, dd);
+  if (p.atomic_out) {
+    atomicAdd(static_cast<float*>(p.du) + l, du);
+    atomicAdd(static_cast<float*>(p.ddelta) + l, dd);
+  } else {
+    static_cast<T*>(p.du)[l] = from_float<T>(du);
+    static_cast<T*>(p.ddelta)[l] = from_float<T>(dd);
+  }
 }
 
 // Backward. Adjoints: lh = dL/dh (vertical recurrence, bottom-up), lg = dL/dg (horizontal, right to left):
@@ -376,6 +466,11 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
   const int W = ch.W, H = ch.H, nt = ch.ntiles;
   const bool vec4 = W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
   const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
+  const long c0 = (long)blockIdx.x * P;  // the block's first channel
+  const int d0 = (int)(c0 % p.dim);
+  float accD[P], accB[P];  // this thread's shares of dD and d delta_bias, per segment
+#pragma unroll
+  for (int q = 0; q < P; ++q) accD[q] = accB[q] = 0.f;
   const float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
   float* hbuf = p.hbuf + ch.cn * (p.strip - 1) * W;
   float* gbuf = p.gbuf + ch.cn * p.strip * nt;
@@ -390,8 +485,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
   for (int strip = p.n_strips - 1; strip >= 0; --strip) {
     const int r0 = strip * p.strip, r1 = min(H, r0 + p.strip) - 1;
     auto h_above = [&](int i, int j0, int valid, float (&hp)[K]) {  // h[i-1, j0..j0+K) for r0 <= i <= r1
-      if (i > r0) ldg<float, K, false>(hbuf + (i - r0 - 1) * W + j0, valid, vecf, hp);
-      else if (strip > 0) ldg<float, K>(ckpt + (strip - 1) * W + j0, valid, vecf, hp);
+      if (i > r0) ldg<float, K, false>(hbuf + (i - r0 - 1) * W, j0, valid, vecf, hp);
+      else if (strip > 0) ldg<float, K>(ckpt + (strip - 1) * W, j0, valid, vecf, hp);
       else for (int k = 0; k < K; ++k) hp[k] = 0.f;
     };
     // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and every tile's incoming
@@ -399,20 +494,25 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
     {
       float gc = 0.f;
       const int nsteps = (r1 - r0) * nt + (nt > 1 ? nt : 0);
-      auto where = [&](int s) { return make_int2(r0 + s / nt, s % nt); };
+      auto where = [&](int s) {
+        const int2 it = split_step(s, nt);
+        return make_int2(r0 + it.x, it.y);
+      };
       auto stage = [&](int s0) {
-        stage_window<T, K, P>(p, ch, sm, [&](int slot, int& i, int& t) {
+        stage_window<T, K, P, false>(p, ch, sm, [&](int slot, int& i, int& t) {
           const int s = s0 + slot;
-          i = s < nsteps ? where(s).x : -1;
-          t = where(s).y;
-        }, nullptr);
+          const int2 it = where(s);
+          i = s < nsteps ? it.x : -1;
+          t = it.y;
+        });
       };
       auto step = [&](int s, int slot) {
-        const int i = where(s).x, t = where(s).y, j0 = t * SEGT + slane * K, valid = ch.active ? W - j0 : 0;
+        const int2 it = where(s);
+        const int i = it.x, t = it.y, j0 = t * SEGT + slane * K, valid = ch.active ? W - j0 : 0;
         if (t == 0) gc = 0.f;
         if (slane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
         float dA[K], bu[K];
-        const float2 ab = discretise<T, K>(sm, slot, ch, i * W + j0, valid, vec, dA, bu);
+        const float2 ab = discretise<T, K>(sm, slot, ch, i * W, j0, valid, vec, dA, bu);
         float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
         if (i == r1) return;  // the last row needs only its tile carries
         float hp[K];
@@ -430,40 +530,43 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
     {
       float lgc = 0.f, dA_right = 0.f;  // lg and dA at the first column of the tile to the right
       const int nsteps = (r1 - r0 + 1) * nt;
-      auto where = [&](int s) { return make_int2(r1 - s / nt, nt - 1 - s % nt); };
+      auto where = [&](int s) {
+        const int2 it = split_step(s, nt);
+        return make_int2(r1 - it.x, nt - 1 - it.y);
+      };
       auto stage = [&](int s0) {
-        stage_window<T, K, P>(p, ch, sm, [&](int slot, int& i, int& t) {
+        stage_window<T, K, P, true>(p, ch, sm, [&](int slot, int& i, int& t) {
           const int s = s0 + slot;
-          i = s < nsteps ? where(s).x : -1;
-          t = where(s).y;
-        }, p.dy);
+          const int2 it = where(s);
+          i = s < nsteps ? it.x : -1;
+          t = it.y;
+        });
       };
       auto drain = [&](int s0, int count) {
         for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
           const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT;
           const auto it = where(s0 + slot);
           const int j = it.y * SEGT + col - seg * SEGT;
-          if (j < W) {
-            const long l = ((long)blockIdx.x * P + seg) * ch.L + (long)it.x * W + j;
-            store_out(p.du, l, sm.sum(0, slot, col, nwarps), p.atomic_out);
-            store_out(p.ddelta, l, sm.sum(1, slot, col, nwarps), p.atomic_out);
-          }
+          if (j < W)
+            finish_backward<T, P>(p, d0 + seg, (c0 + seg) * ch.L + (long)it.x * W + j, sm.sum(0, slot, col, nwarps),
+                                  sm.sum(1, slot, col, nwarps), seg, accD, accB);
         }
       };
       auto step = [&](int s, int slot) {
-        const int i = where(s).x, t = where(s).y, j0 = t * SEGT + slane * K;
+        const int2 it = where(s);
+        const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
         if (t == nt - 1) lgc = 0.f, dA_right = 0.f;
         float dt[K], uu[K], bb[K], dA[K], lh[K], hp[K], dyk[K];
         const int valid = ch.active ? W - j0 : 0;
         if (nt > 1) {
-          if (i + 1 < H) ldg<float, K, false>(lcarry + j0, valid, vecf, lv);
+          if (i + 1 < H) ldg<float, K, false>(lcarry, j0, valid, vecf, lv);
           else for (int k = 0; k < K; ++k) lv[k] = 0.f;
         }
         lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
         lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
         lds<K>(sm.stage_ptr(2, slot, lane * K), dyk);
-        ldg<T, K>(ch.B + i * W + j0, valid, vec, bb);
-        ldg<T, K>(ch.C + i * W + j0, valid, vec, lh);
+        ldg<T, K>(ch.B + i * W, j0, valid, vec, bb);
+        ldg<T, K>(ch.C + i * W, j0, valid, vec, lh);
         h_above(i, j0, valid, hp);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -535,6 +638,19 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
 #pragma unroll
   for (int off = SEG / 2; off > 0; off >>= 1) dA_sum += __shfl_xor_sync(kFull, dA_sum, off);
   if (slane == 0 && ch.active) atomicAdd(p.dA + ch.d * p.dstate + ch.n, dA_sum);
+#pragma unroll
+  for (int q = 0; q < P; ++q) {
+    float a = accD[q], b = accB[q];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      a += __shfl_xor_sync(kFull, a, off);
+      b += __shfl_xor_sync(kFull, b, off);
+    }
+    if (lane == 0) {
+      if (p.dD && blockIdx.y == 0) atomicAdd(p.dD + d0 + q, a);
+      if (p.dbias) atomicAdd(p.dbias + d0 + q, b);
+    }
+  }
 }
 
 template <typename Kernel>
@@ -588,8 +704,16 @@ void dispatch(const Params& p, cudaStream_t stream) {
   }
 }
 
+template <typename T>
+void finish(const Params& p, cudaStream_t stream) {
+  const long total = (long)p.batch * p.dim * p.height * p.width;
+  const int threads = 256, blocks = (int)std::min<long>((total + threads - 1) / threads, 8192);
+  scan2d_finish_kernel<T><<<blocks, threads, 0, stream>>>(p);
+}
+
 #define SCAN_DEFINE_LAUNCHERS(T, SUFFIX)                                                                   \
   void scan2d_fwd_##SUFFIX(const Params& p, cudaStream_t stream) { dispatch<T, true>(p, stream); }       \
-  void scan2d_bwd_##SUFFIX(const Params& p, cudaStream_t stream) { dispatch<T, false>(p, stream); }
+  void scan2d_bwd_##SUFFIX(const Params& p, cudaStream_t stream) { dispatch<T, false>(p, stream); }      \
+  void scan2d_finish_##SUFFIX(const Params& p, cudaStream_t stream) { finish<T>(p, stream); }
 
 }  // namespace scan

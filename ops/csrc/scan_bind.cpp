@@ -1,6 +1,6 @@
 // Python binding of the scan kernels: checks the tensors, allocates outputs and scratch, picks the dtype.
-// The elementwise parts (D u, silu(z) gating, the softplus derivative, dD, d delta_bias) stay in PyTorch
-// (ops/selective_scan.py); the kernels compute the recurrences and their sums over states and channels.
+// The kernels compute the recurrences, their sums over states and channels, and the elementwise ends (D u, the
+// silu(z) gate, the softplus derivative, dD, d delta_bias): ops/selective_scan.py only adapts dtypes and shapes.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -52,7 +52,8 @@ Shape shape_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::
 }
 
 scan::Params params_of(const Shape& s, const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
-                       const torch::Tensor& B, const torch::Tensor& C, const c10::optional<torch::Tensor>& bias,
+                       const torch::Tensor& B, const torch::Tensor& C, const c10::optional<torch::Tensor>& D,
+                       const c10::optional<torch::Tensor>& z, const c10::optional<torch::Tensor>& bias,
                        bool softplus) {
   scan::Params p{};
   p.batch = s.batch, p.dim = s.dim, p.dstate = s.dstate, p.groups = s.groups;
@@ -63,18 +64,34 @@ scan::Params params_of(const Shape& s, const torch::Tensor& u, const torch::Tens
   p.A = A.data_ptr<float>();
   if (bias.has_value()) {
     check_input(*bias, "delta_bias", at::kFloat);
+    SCAN_CHECK(bias->numel() == s.dim, "delta_bias must have dim = ", s.dim, " values");
     p.delta_bias = bias->data_ptr<float>();
+  }
+  if (D.has_value()) {
+    check_input(*D, "D", at::kFloat);
+    SCAN_CHECK(D->numel() == s.dim, "D must have dim = ", s.dim, " values");
+    p.D = D->data_ptr<float>();
+  }
+  if (z.has_value()) {
+    check_input(*z, "z", u.scalar_type());
+    SCAN_CHECK(z->sizes() == u.sizes(), "z ", z->sizes(), " must match u ", u.sizes());
+    p.z = z->data_ptr();
   }
   return p;
 }
 
 using Launcher = void (*)(const scan::Params&, cudaStream_t);
 
-Launcher pick(at::ScalarType dtype, bool forward) {
+// The launchers of one dtype: forward, backward, and the forward's elementwise end for atomic_out.
+struct Launchers {
+  Launcher fwd, bwd, finish;
+};
+
+Launchers pick(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return forward ? scan::scan2d_fwd_f32 : scan::scan2d_bwd_f32;
-    case at::kHalf: return forward ? scan::scan2d_fwd_f16 : scan::scan2d_bwd_f16;
-    case at::kBFloat16: return forward ? scan::scan2d_fwd_bf16 : scan::scan2d_bwd_bf16;
+    case at::kFloat: return {scan::scan2d_fwd_f32, scan::scan2d_bwd_f32, scan::scan2d_finish_f32};
+    case at::kHalf: return {scan::scan2d_fwd_f16, scan::scan2d_bwd_f16, scan::scan2d_finish_f16};
+    case at::kBFloat16: return {scan::scan2d_fwd_bf16, scan::scan2d_bwd_bf16, scan::scan2d_finish_bf16};
     default: TORCH_CHECK(false, "wsi_pipeline scan: unsupported dtype ", dtype);
   }
 }
@@ -84,46 +101,76 @@ torch::Tensor scratch(const Shape& s, int64_t rows, int64_t cols, const torch::T
                       like.options().dtype(at::kFloat));
 }
 
-// Returns (y = sum_n C h in fp32, checkpoints).
+// Returns (out = (sum_n C h + D u) * silu(z) in u's dtype, ypre = sum_n C h + D u in fp32 when z is given (else
+// empty), checkpoints).
 std::vector<torch::Tensor> scan2d_fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
-                                      torch::Tensor C, c10::optional<torch::Tensor> delta_bias, bool softplus,
-                                      int64_t height, int64_t width, int64_t strip) {
+                                      torch::Tensor C, c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z,
+                                      c10::optional<torch::Tensor> delta_bias, bool softplus, int64_t height,
+                                      int64_t width, int64_t strip) {
   const Shape s = shape_of(u, delta, A, B, C, height, width, strip);
   const c10::cuda::CUDAGuard guard(u.device());
-  scan::Params p = params_of(s, u, delta, A, B, C, delta_bias, softplus);
+  scan::Params p = params_of(s, u, delta, A, B, C, D, z, delta_bias, softplus);
   auto f32 = u.options().dtype(at::kFloat);
-  auto y = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty(u.sizes(), f32);
+  auto out = torch::empty_like(u);
+  torch::Tensor ypre;
+  if (p.atomic_out) ypre = torch::zeros(u.sizes(), f32);
+  else if (z.has_value()) ypre = torch::empty(u.sizes(), f32);
   auto ckpt = scratch(s, s.n_strips - 1, s.width, u);  // the last strip needs none
   auto carry = scratch(s, s.n_tiles > 1 && s.height > 1 ? 1 : 0, s.width, u);
-  p.y = y.data_ptr<float>(), p.ckpt = ckpt.data_ptr<float>(), p.carry = carry.data_ptr<float>();
-  pick(u.scalar_type(), true)(p, c10::cuda::getCurrentCUDAStream());
+  p.out = out.data_ptr(), p.ypre = ypre.defined() ? ypre.data_ptr<float>() : nullptr;
+  p.ckpt = ckpt.data_ptr<float>(), p.carry = carry.data_ptr<float>();
+  const Launchers run = pick(u.scalar_type());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  run.fwd(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, ckpt};
+  if (p.atomic_out) {
+    run.finish(p, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out, z.has_value() ? ypre : torch::Tensor(), ckpt};
 }
 
-// Returns (du, ddelta) as sums over states (fp32, before D and the softplus derivative), dA, dB, dC (fp32).
+// Returns du, d delta (u's dtype), dA, dB, dC (fp32), dD, dz (z's dtype), d delta_bias (fp32); the last three
+// undefined when D, z, delta_bias are not given.
 std::vector<torch::Tensor> scan2d_bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
-                                      torch::Tensor C, c10::optional<torch::Tensor> delta_bias, bool softplus,
-                                      int64_t height, int64_t width, int64_t strip, torch::Tensor ckpt,
-                                      torch::Tensor dy) {
+                                      torch::Tensor C, c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z,
+                                      c10::optional<torch::Tensor> delta_bias, bool softplus, int64_t height,
+                                      int64_t width, int64_t strip, torch::Tensor ckpt,
+                                      c10::optional<torch::Tensor> ypre, torch::Tensor dout) {
   const Shape s = shape_of(u, delta, A, B, C, height, width, strip);
-  check_input(dy, "dy", at::kFloat);
+  check_input(dout, "dout", u.scalar_type());
+  SCAN_CHECK(dout.sizes() == u.sizes(), "dout ", dout.sizes(), " must match u ", u.sizes());
   const c10::cuda::CUDAGuard guard(u.device());
-  scan::Params p = params_of(s, u, delta, A, B, C, delta_bias, softplus);
+  scan::Params p = params_of(s, u, delta, A, B, C, D, z, delta_bias, softplus);
   auto f32 = u.options().dtype(at::kFloat);
-  auto du = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty(u.sizes(), f32);
-  auto ddelta = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty(u.sizes(), f32);
+  // with atomic_out the blocks of a channel add their shares: fp32 sums, rounded to u's dtype at the end
+  auto du = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty_like(u);
+  auto ddelta = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty_like(u);
   auto dA = torch::zeros(A.sizes(), f32), dB = torch::zeros(B.sizes(), f32), dC = torch::zeros(C.sizes(), f32);
+  torch::Tensor dD, dz, dbias;
+  if (D.has_value()) dD = torch::zeros({s.dim}, f32);
+  if (delta_bias.has_value()) dbias = torch::zeros({s.dim}, f32);
+  if (z.has_value()) {
+    SCAN_CHECK(ypre.has_value(), "ypre from the forward is needed when z is given");
+    check_input(*ypre, "ypre", at::kFloat);
+    dz = torch::empty_like(u);
+    p.ypre = ypre->data_ptr<float>(), p.dz = dz.data_ptr();
+  }
   auto hbuf = scratch(s, s.strip - 1, s.width, u);
   auto gbuf = scratch(s, s.strip, s.n_tiles, u);
   auto carry = scratch(s, s.n_tiles > 1 && s.height > 1 ? 1 : 0, s.width, u);
-  p.ckpt = ckpt.data_ptr<float>(), p.dy = dy.data_ptr<float>();
-  p.du = du.data_ptr<float>(), p.ddelta = ddelta.data_ptr<float>();
+  p.ckpt = ckpt.data_ptr<float>(), p.dout = dout.data_ptr();
+  p.du = du.data_ptr(), p.ddelta = ddelta.data_ptr();
   p.dA = dA.data_ptr<float>(), p.dB = dB.data_ptr<float>(), p.dC = dC.data_ptr<float>();
+  p.dD = dD.defined() ? dD.data_ptr<float>() : nullptr, p.dbias = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
   p.hbuf = hbuf.data_ptr<float>(), p.gbuf = gbuf.data_ptr<float>(), p.carry = carry.data_ptr<float>();
-  pick(u.scalar_type(), false)(p, c10::cuda::getCurrentCUDAStream());
+  pick(u.scalar_type()).bwd(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {du, ddelta, dA, dB, dC};
+  if (p.atomic_out) {
+    du = du.to(u.scalar_type());
+    ddelta = ddelta.to(u.scalar_type());
+  }
+  return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }
 
 }  // namespace
@@ -194,8 +241,8 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta_h, torc
 }  // namespace m2d
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scan2d_fwd", &scan2d_fwd, "2D selective scan, forward (sum_n C h and strip checkpoints)");
-  m.def("scan2d_bwd", &scan2d_bwd, "2D selective scan, backward");
+  m.def("scan2d_fwd", &scan2d_fwd, "2D selective scan, forward (out, ypre when z is given, strip checkpoints)");
+  m.def("scan2d_bwd", &scan2d_bwd, "2D selective scan, backward (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)");
   m.def("m2d_fwd", &m2d::forward, "Mamba2D wavefront scan, forward");
   m.def("m2d_bwd", &m2d::backward, "Mamba2D wavefront scan, backward");
 }
