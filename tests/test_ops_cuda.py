@@ -143,3 +143,11 @@ def test_forward_keeps_no_per_state_tensor():
     states = 96 * 96 * 64 * 16 * 4
     assert held < states / 2, f"forward holds {held} bytes; all states would be {states}"
     y.float().sum().backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("height,width", [(9, 203), (5, 130), (1, 1001)])
+def test_scan2d_rows_widened_to_16_bytes(height, width, dtype):
+    """Rows of > 64 columns that are not a multiple of 16 bytes run on a zero-widened grid (sliced back)."""
+    x = make(1, 4, 8, height * width, dtype, options=True, seed=width)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])

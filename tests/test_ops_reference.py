@@ -114,3 +114,29 @@ def test_public_functions_on_cpu_are_the_references():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="does not match L"):
         selective_scan_2d_ref(**inputs(L=12), height=5, width=3)
+
+
+def test_right_padding_of_rows_is_exact():
+    """The CUDA path widens rows to 16-byte multiples with zero columns on the right and slices them off; the
+    row-first scan never carries those columns into the original ones: same output, same gradients."""
+    from ops.selective_scan import _row_padding, _widen
+
+    assert _row_padding(203, torch.bfloat16) == 5 and _row_padding(203, torch.float32) == 1
+    assert _row_padding(200, torch.bfloat16) == 0 and _row_padding(37, torch.bfloat16) == 0
+    height, width, pad = 3, 5, 3
+    x = inputs(L=height * width, seed=7)
+    x.update(D=torch.randn(4, dtype=F64), z=torch.randn(2, 4, height * width, dtype=F64),
+             delta_bias=torch.randn(4, dtype=F64))
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    wide = {k: v.clone().requires_grad_() for k, v in x.items()}
+    out = selective_scan_2d_ref(**leaves, delta_softplus=True, height=height, width=width)
+    widen = _widen(height, width, pad)
+    padded = {k: (widen(v) if k in ("u", "delta", "B", "C", "z") else v) for k, v in wide.items()}
+    out_wide = selective_scan_2d_ref(**padded, delta_softplus=True, height=height, width=width + pad)
+    sliced = out_wide.unflatten(-1, (height, width + pad))[..., :width].flatten(-2)
+    torch.testing.assert_close(sliced, out)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    sliced.backward(dout)
+    for k in x:
+        torch.testing.assert_close(wide[k].grad, leaves[k].grad, msg=k)

@@ -18,7 +18,8 @@
 // strips bottom-up, recomputes the strip's states from its checkpoint, then runs the adjoint recurrences.
 // The elementwise ends are fused (v9): the forward's drain writes out = (sum_n C h + D u) * silu(z) in the input
 // dtype; the backward stages dy = dout * silu(z) and its drain writes du (+ D dy), d delta (times softplus'), dz,
-// and sums dD and d delta_bias per thread, added once per block at the end.
+// and sums dD and d delta_bias per thread, added once per block at the end. Phase A of the backward keeps each
+// lane's incoming horizontal state in shared memory when it fits (v10), so phase B needs no second scan for it.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -106,10 +107,20 @@ struct Smem {
   __device__ float& part(int a, int slot, int warp, int col) const {
     return base[(NSTAGE * kWindow + (a * kWindow + slot) * kWarpsPerBlock + warp) * kRow + padded(col)];
   }
-  __device__ float sum(int a, int slot, int col, int nwarps) const {
-    float v = 0.f;
-    for (int w = 0; w < nwarps; ++w) v += part(a, slot, w, col);
-    return v;
+  // The sums over the warps of N = 1 or 4 consecutive columns from col (a multiple of N: 16-byte aligned,
+  // unpadded).
+  template <int N>
+  __device__ void sum(int a, int slot, int col, int nwarps, float (&v)[N]) const {
+#pragma unroll
+    for (int q = 0; q < N; ++q) v[q] = 0.f;
+    for (int w = 0; w < nwarps; ++w) {
+      if constexpr (N == 4) {
+        const float4 x = *reinterpret_cast<const float4*>(&part(a, slot, w, col));
+        v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
+      } else {
+        v[0] += part(a, slot, w, col);
+      }
+    }
   }
   __host__ __device__ static constexpr size_t bytes() {
     return sizeof(float) * kRow * kWindow * (NSTAGE + NPART * kWarpsPerBlock);
@@ -161,6 +172,22 @@ __device__ __forceinline__ void windows(int nsteps, Stage stage, Step step, Drai
     const int count = min(kWindow, nsteps - s0);
     for (int slot = 0; slot < count; ++slot) step(s0 + slot, slot);
     __syncthreads();
+  }
+}
+
+// The drain of a window: for each of the count steps from s0 (at (row, tile) = where(step)) and each group of N
+// columns of its tile that starts inside the row, emit(slot, col, seg, l, q_end): shared column col, segment
+// seg, l the index of the group's first column within the segment's channel (row-major), q_end <= N the
+// group's columns inside the row. Called by the whole block; N = 4 columns per thread for 16-byte reads of the
+// partials where registers allow.
+template <int K, int P, int N, class Where, class Emit>
+__device__ __forceinline__ void drain_window(int s0, int count, int W, Where where, Emit emit) {
+  constexpr int TILE = 32 * K, SEGT = TILE / P, GROUPS = TILE / N;
+  for (int idx = threadIdx.x; idx < count * GROUPS; idx += blockDim.x) {
+    const int slot = idx / GROUPS, col = (idx - slot * GROUPS) * N, seg = col / SEGT;
+    const int2 it = where(s0 + slot);
+    const int j = it.y * SEGT + col - seg * SEGT;
+    if (j < W) emit(slot, col, seg, (long)it.x * W + j, min(N, W - j));
   }
 }
 
@@ -373,17 +400,18 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
     });
   };
   auto drain = [&](int s0, int count) {
-    for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
-      const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT;
-      const int2 it = split_step(s0 + slot, nt);
-      const int j = it.y * SEGT + col - seg * SEGT;
-      if (j < W) {
-        const long l = (c0 + seg) * ch.L + (long)it.x * W + j;
-        const float v = sm.sum(0, slot, col, nwarps);
-        if (p.atomic_out) atomicAdd(p.ypre + l, v);
-        else finish_forward<T>(p, d0 + seg, l, v);
+    drain_window<K, P, 4>(s0, count, W, [&](int s) { return split_step(s, nt); },
+                          [&](int slot, int col, int seg, long l, int q_end) {
+      float v[4];
+      sm.template sum<4>(0, slot, col, nwarps, v);
+      l += (c0 + seg) * ch.L;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (q >= q_end) break;
+        if (p.atomic_out) atomicAdd(p.ypre + l + q, v[q]);
+        else finish_forward<T>(p, d0 + seg, l + q, v[q]);
       }
-    }
+    });
   };
   const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
   auto step = [&](int s, int slot) {
@@ -474,6 +502,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
   const float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
   float* hbuf = p.hbuf + ch.cn * (p.strip - 1) * W;
   float* gbuf = p.gbuf + ch.cn * p.strip * nt;
+  // v10: with lane_carries, g[i, j0 - 1] (the horizontal state entering each lane's columns) of every step of the
+  // strip, behind the window buffers: written by phase A, read by the same lane in phase B (no barrier needed)
+  float* glane = smem + Smem<K, 3, 2>::bytes() / sizeof(float) + warp * kStrip * nt * 32 + lane;
   float* lcarry = p.carry + ch.cn * W;
   float* dB = p.dB + (ch.B - (const T*)p.B);
   float* dC = p.dC + (ch.C - (const T*)p.C);
@@ -489,11 +520,11 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
       else if (strip > 0) ldg<float, K>(ckpt + (strip - 1) * W, j0, valid, vecf, hp);
       else for (int k = 0; k < K; ++k) hp[k] = 0.f;
     };
-    // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and every tile's incoming
-    // horizontal carry (into gbuf; the last row's carries too when a row has several tiles).
+    // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and the horizontal carries: every
+    // lane's incoming g (lane_carries) or every tile's, the last row's too when phase B needs them.
     {
       float gc = 0.f;
-      const int nsteps = (r1 - r0) * nt + (nt > 1 ? nt : 0);
+      const int nsteps = (r1 - r0) * nt + (p.lane_carries || nt > 1 ? nt : 0);
       auto where = [&](int s) {
         const int2 it = split_step(s, nt);
         return make_int2(r0 + it.x, it.y);
@@ -510,11 +541,12 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
         const int2 it = where(s);
         const int i = it.x, t = it.y, j0 = t * SEGT + slane * K, valid = ch.active ? W - j0 : 0;
         if (t == 0) gc = 0.f;
-        if (slane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
+        if (!p.lane_carries && slane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
         float dA[K], bu[K];
         const float2 ab = discretise<T, K>(sm, slot, ch, i * W, j0, valid, vec, dA, bu);
         float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
-        if (i == r1) return;  // the last row needs only its tile carries
+        if (p.lane_carries) glane[((i - r0) * nt + t) * 32] = g;
+        if (i == r1) return;  // the last row needs only its carries
         float hp[K];
         h_above(i, j0, valid, hp);
 #pragma unroll
@@ -543,14 +575,19 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
         });
       };
       auto drain = [&](int s0, int count) {
-        for (int idx = threadIdx.x; idx < count * TILE; idx += blockDim.x) {
-          const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT;
-          const auto it = where(s0 + slot);
-          const int j = it.y * SEGT + col - seg * SEGT;
-          if (j < W)
-            finish_backward<T, P>(p, d0 + seg, (c0 + seg) * ch.L + (long)it.x * W + j, sm.sum(0, slot, col, nwarps),
-                                  sm.sum(1, slot, col, nwarps), seg, accD, accB);
-        }
+        // one column per thread: 4 (as the forward) spill at K <= 2 and measured no faster at K >= 4
+        constexpr int N = 1;
+        drain_window<K, P, N>(s0, count, W, where, [&](int slot, int col, int seg, long l, int q_end) {
+          float du[N], dd[N];
+          sm.template sum<N>(0, slot, col, nwarps, du);
+          sm.template sum<N>(1, slot, col, nwarps, dd);
+          l += (c0 + seg) * ch.L;
+#pragma unroll
+          for (int q = 0; q < N; ++q) {
+            if (q >= q_end) break;
+            finish_backward<T, P>(p, d0 + seg, l + q, du[q], dd[q], seg, accD, accB);
+          }
+        });
       };
       auto step = [&](int s, int slot) {
         const int2 it = where(s);
@@ -568,12 +605,11 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
         ldg<T, K>(ch.B + i * W, j0, valid, vec, bb);
         ldg<T, K>(ch.C + i * W, j0, valid, vec, lh);
         h_above(i, j0, valid, hp);
+        // (dy is staged as zero past the row's end and C, lv load as zero there: lh is zero there too)
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const bool ok = k < valid;
           dA[k] = exp2f(dt[k] * ch.a2);
-          dyk[k] = ok ? dyk[k] : 0.f;
-          lh[k] = ok ? dyk[k] * lh[k] + lv[k] : 0.f;
+          lh[k] = dyk[k] * lh[k] + lv[k];
         }
         // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1].
         const float dA_next_lane = __shfl_down_sync(kFull, dA[0], 1, SEG);
@@ -594,15 +630,20 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           lg_in = lh[k] + m * lg_in;
           lg[k] = lg_in;
         }
-        // g again (left to right) for g[i, j-1]; then all the gradients of this position.
-        float a = 1.f, b = 0.f;
+        // g[i, j0 - 1] from phase A (or the horizontal scan again); then all the gradients of this position.
+        float gp;
+        if (p.lane_carries) {
+          gp = glane[((i - r0) * nt + t) * 32];
+        } else {
+          float a = 1.f, b = 0.f;
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          b = dA[k] * b + dt[k] * uu[k] * bb[k];
-          a *= dA[k];
+          for (int k = 0; k < K; ++k) {
+            b = dA[k] * b + dt[k] * uu[k] * bb[k];
+            a *= dA[k];
+          }
+          float gcarry = (nt > 1 && t > 0) ? gbuf[(i - r0) * nt + t] : 0.f;
+          gp = warp_scan_in<SEG>(a, b, gcarry);
         }
-        float gcarry = (nt > 1 && t > 0) ? gbuf[(i - r0) * nt + t] : 0.f;
-        float gp = warp_scan_in<SEG>(a, b, gcarry);
         float vB[K], vC[K], pdu[K], pdd[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -676,10 +717,28 @@ inline int pack_of(const Params& p) {
   return 1;
 }
 
+inline int max_smem_per_block() {
+  static const int bytes = [] {
+    int device = 0, value = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return value;
+  }();
+  return bytes;
+}
+
 template <typename T, bool kFwd, int K, int P>
 void launch_one(const Params& p, cudaStream_t stream) {
-  if constexpr (kFwd) launch(scan2d_fwd_kernel<T, K, P>, p, Smem<K, 2, 1>::bytes(), stream, P);
-  else launch(scan2d_bwd_kernel<T, K, P>, p, Smem<K, 3, 2>::bytes(), stream, P);
+  if constexpr (kFwd) {
+    launch(scan2d_fwd_kernel<T, K, P>, p, Smem<K, 2, 1>::bytes(), stream, P);
+  } else {
+    // the lanes' horizontal carries of a strip in shared memory when they fit (rows of up to ~4 tiles)
+    Params q = p;
+    const int nt = (p.width + 32 * K / P - 1) / (32 * K / P);
+    const size_t carries = sizeof(float) * kWarpsPerBlock * kStrip * nt * 32, base = Smem<K, 3, 2>::bytes();
+    q.lane_carries = base + carries <= (size_t)max_smem_per_block();
+    launch(scan2d_bwd_kernel<T, K, P>, q, base + (q.lane_carries ? carries : 0), stream, P);
+  }
 }
 
 template <typename T, bool kFwd>

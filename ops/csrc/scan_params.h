@@ -27,7 +27,8 @@ struct Params {
   void* dz;           // (batch, dim, L) of T when z is given
   float *dA, *dB, *dC, *dD, *dbias;  // fp32 sums (dD, dbias null when D, delta_bias are)
   float* hbuf;  // (batch, dim, dstate, strip - 1, width): recomputed h of a strip
-  float* gbuf;  // (batch, dim, dstate, strip, n_tiles): horizontal carry at each tile start
+  float* gbuf;  // (batch, dim, dstate, strip, n_tiles): horizontal carry at each tile start (without lane_carries)
+  bool lane_carries;  // set by the launcher: phase A keeps every lane's incoming horizontal state in shared memory
 };
 
 // One launcher pair per input dtype, each compiled in its own translation unit (they build in parallel).
