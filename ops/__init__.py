@@ -1,12 +1,13 @@
 """The selective-scan operators of 2DMambaMIL (docs/ops.md; the math: DESIGN.md, "The 2D selective scan").
 
 `selective_scan_2d`, `selective_scan_1d` and `wavefront_scan_m2d` run CUDA kernels (with autograd) on CUDA
-tensors and the pure-PyTorch references (the `*_ref` functions, the specification) elsewhere.
+tensors and the pure-PyTorch references (the `*_ref` functions, the specification) elsewhere. `aligned_width`
+is the row width the kernels read fastest.
 """
 from .reference import selective_scan_1d_ref, selective_scan_2d_ref, wavefront_scan_m2d_ref
-from .selective_scan import selective_scan_1d, selective_scan_2d, wavefront_scan_m2d
+from .selective_scan import aligned_width, selective_scan_1d, selective_scan_2d, wavefront_scan_m2d
 
 __all__ = [
-    "selective_scan_1d", "selective_scan_1d_ref", "selective_scan_2d", "selective_scan_2d_ref",
+    "aligned_width", "selective_scan_1d", "selective_scan_1d_ref", "selective_scan_2d", "selective_scan_2d_ref",
     "wavefront_scan_m2d", "wavefront_scan_m2d_ref",
 ]

@@ -107,7 +107,7 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, height=height, width=width)
     if height * width != u.shape[-1]:
         raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {u.shape[-1]}")
-    pad = _row_padding(width, u.dtype)
+    pad = aligned_width(width, u.dtype) - width
     if pad:  # 16-byte rows for the kernels' wide loads (200x203 bf16 forward+backward: 5.27 ms unwidened, 2.75 widened)
         widen = _widen(height, width, pad)
         B, C = (widen(x.unsqueeze(1) if x.dim() == 3 else x) for x in (B, C))
@@ -116,11 +116,13 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return out.unflatten(-1, (height, width + pad))[..., :width].flatten(-2) if pad else out
 
 
-def _row_padding(width: int, dtype: torch.dtype) -> int:
-    """Columns to add so that a row is a multiple of 16 bytes, for rows wide enough to use 8- and 16-byte loads
-    (> 64 columns); narrower rows are read one value per lane and are left as they are."""
+def aligned_width(width: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The row width the kernels read at full speed: rows of more than 64 columns are read with 8- and 16-byte
+    loads and need a multiple of 16 bytes (8 columns of fp16/bf16, 4 of fp32; the default dtype's 8 suits all);
+    narrower rows are read one value per lane. `selective_scan_2d` widens other rows itself (with copies); a
+    caller that can build its grid at this width saves them (2DMambaMIL's block does)."""
     per_16_bytes = 16 // torch.tensor([], dtype=dtype).element_size()
-    return -width % per_16_bytes if width > 64 else 0
+    return width + (-width % per_16_bytes if width > 64 else 0)
 
 
 def _widen(height: int, width: int, pad: int):

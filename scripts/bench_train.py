@@ -5,7 +5,8 @@
     python scripts/bench_train.py --models mamba2d,abmil --profile          # + torch.profiler tables
 
 Every model is built from its configs/model/<name>.yaml (the trainer's defaults), trained on the same slide in
-one process, bf16 autocast on CUDA as in the trainer. The features sit on the device already (the step only).
+one process, bf16 autocast on CUDA as in the trainer. The features sit on the device already (the step only);
+the grid stays on the host, as the trainer passes it.
 Prints one line per model and, with --json, writes the numbers.
 """
 from __future__ import annotations
@@ -116,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    grid = torch.from_numpy(tissue_cells(args.side, args.side, args.cells, rng)).to(args.device)
+    grid = torch.from_numpy(tissue_cells(args.side, args.side, args.cells, rng))  # on the host, as the trainer
     feats = torch.from_numpy(rng.normal(0, 1, (len(grid), args.dim)).astype(np.float32)).to(args.device)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"slide: {args.side}x{args.side} lattice, {len(grid)} tissue cells, {args.dim}-d features; "

@@ -141,3 +141,25 @@ def test_core_claim_2d_arrangement_is_learnt_by_the_2d_scan_not_by_attention_poo
     assert _auc_after_training("mamba2d", d_state=8) >= 0.9
     torch.manual_seed(0)
     assert _auc_after_training("abmil") < 0.65
+
+
+@pytest.mark.parametrize("scan,shape", [("2d", (3, 70)), ("1d", None)], ids=["2d-3x70", "1d-70"])
+def test_mamba_block_widened_rows_are_exact(scan, shape):
+    """Rows the scan kernels cannot read with wide loads run widened by zero cells (70 -> 72 columns) and sliced
+    back: the block's output and every parameter gradient equal those of the block on the raw width."""
+    from wsi_pipeline.models.blocks import MambaBlock
+
+    torch.manual_seed(0)
+    block = MambaBlock(8, scan, d_state=4).double()
+    with torch.no_grad():  # non-trivial values where zero init would hide a leak across the widened cells
+        block.dt_proj.weight.mul_(20)
+        block.conv.conv.bias.normal_()
+    x = torch.randn(1, 210 if shape else 70, 8, dtype=torch.float64, requires_grad=True)
+    widened = block(x, shape)
+    params = [x, *block.parameters()]
+    grads = torch.autograd.grad(widened.square().sum(), params)
+    raw = block._mix(x, shape)
+    raw_grads = torch.autograd.grad(raw.square().sum(), params)
+    torch.testing.assert_close(widened, raw)
+    for got, want in zip(grads, raw_grads):
+        torch.testing.assert_close(got, want)

@@ -119,10 +119,10 @@ def test_shape_mismatch_is_a_clear_error():
 def test_right_padding_of_rows_is_exact():
     """The CUDA path widens rows to 16-byte multiples with zero columns on the right and slices them off; the
     row-first scan never carries those columns into the original ones: same output, same gradients."""
-    from ops.selective_scan import _row_padding, _widen
+    from ops.selective_scan import _widen
 
-    assert _row_padding(203, torch.bfloat16) == 5 and _row_padding(203, torch.float32) == 1
-    assert _row_padding(200, torch.bfloat16) == 0 and _row_padding(37, torch.bfloat16) == 0
+    assert ops.aligned_width(203) == 208 and ops.aligned_width(203, torch.float32) == 204
+    assert ops.aligned_width(200) == 200 and ops.aligned_width(37) == 37
     height, width, pad = 3, 5, 3
     x = inputs(L=height * width, seed=7)
     x.update(D=torch.randn(4, dtype=F64), z=torch.randn(2, 4, height * width, dtype=F64),

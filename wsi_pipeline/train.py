@@ -102,7 +102,8 @@ def _autocast(settings: TrainSettings) -> contextlib.AbstractContextManager:
 
 def _forward(model: torch.nn.Module, bag: Bag, settings: TrainSettings):
     with _autocast(settings):
-        return model(bag.features.to(settings.device).float(), bag.grid.to(settings.device))
+        # the grid stays on the host: models derive their lattice shapes from it without a device sync
+        return model(bag.features.to(settings.device).float(), bag.grid)
 
 
 def _bags_in(bags: FeatureBags, order: list[int], settings: TrainSettings) -> DataLoader:

@@ -73,11 +73,25 @@ class Lattice:
         return self.count > 0
 
 
-def build_lattice(grid: torch.Tensor, max_cells: int) -> Lattice:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small tensor built on the host onto `device` without waiting for the device's queue: pinned memory and
+    a non-blocking copy (a pageable host-to-device copy synchronises the stream first)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | None = None) -> Lattice:
     """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at
-    most `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged)."""
+    most `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged).
+
+    The lattice's sides are Python ints (the scan's shape): built from a grid on the host (the trainer passes
+    it there) this costs no device synchronisation; `cell` and `count` then go to `device` without blocking.
+    """
     rc = grid.long() - grid.long().min(dim=0).values
-    height, width = (v + 1 for v in rc.max(dim=0).values.tolist())  # one host sync for both sides
+    height, width = (v + 1 for v in rc.max(dim=0).values.tolist())  # a device sync only for a device grid
     stride = 1
     while math.ceil(height / stride) * math.ceil(width / stride) > max_cells:
         stride += 1
@@ -86,7 +100,8 @@ def build_lattice(grid: torch.Tensor, max_cells: int) -> Lattice:
     cell = rc[:, 0] * width + rc[:, 1]
     # index_add rather than bincount: bincount on CUDA reads max(cell) back to the host (one more sync per step)
     count = torch.zeros(height * width, dtype=torch.long, device=cell.device).index_add_(0, cell, torch.ones_like(cell))
-    return Lattice(cell, count, height, width, stride)
+    device = cell.device if device is None else torch.device(device)
+    return Lattice(to_device(cell, device), to_device(count, device), height, width, stride)
 
 
 def place_on_lattice(h: torch.Tensor, lattice: Lattice, pad: torch.Tensor) -> torch.Tensor:
@@ -103,7 +118,8 @@ def row_attention(cell_weights: torch.Tensor, lattice: Lattice) -> torch.Tensor:
 
 
 def raster_order(grid: torch.Tensor, column_major: bool = False) -> torch.Tensor:
-    """Permutation putting rows in raster order of the lattice (row by row, or column by column)."""
+    """Permutation putting rows in raster order of the lattice (row by row, or column by column), on grid's
+    device (on the host: no device synchronisation)."""
     g = grid.long() - grid.long().min(dim=0).values
     major, minor = (g[:, 1], g[:, 0]) if column_major else (g[:, 0], g[:, 1])
     return torch.argsort(major * (int(minor.max()) + 1) + minor)
@@ -174,7 +190,25 @@ class MambaBlock(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, x: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
-        """x (B, L, d_model); `shape` = (height, width) of the lattice for the 2D scan.
+        """x (B, L, d_model); `shape` = (height, width) of the lattice for the 2D scan (None: a sequence).
+
+        Rows (or a sequence) whose width the scan kernels cannot read with wide loads (`ops.aligned_width`) run
+        widened with zero cells on the right, then are sliced back: once here on the block's input rather than
+        inside the scan on each of its five inputs. Exact: a zero cell stays zero through RMSNorm and the
+        bias-free in_proj, so the conv sees the zeros of its own padding; the scan (and the 1D causal conv) never
+        carry right-hand cells into the ones on their left; out_proj and the residual are per cell.
+        """
+        height, width = shape if shape is not None else (1, x.shape[1])
+        wide = ops.aligned_width(width)
+        if wide == width:
+            return self._mix(x, shape)
+        b, _, d = x.shape
+        x = F.pad(x.view(b, height, width, d), (0, 0, 0, wide - width)).view(b, height * wide, d)
+        out = self._mix(x, None if shape is None else (height, wide))
+        return out.view(b, height, wide, d)[:, :, :width].reshape(b, height * width, d)
+
+    def _mix(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+        """The block proper: x + out_proj(scan(...)).
 
         The mixer runs channels first, (B, channels, L), the layout of the conv and the scan: the projections
         are written as W @ x^T (the same products as the nn.Linear layers, whose weights they use), so no

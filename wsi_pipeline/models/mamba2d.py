@@ -41,7 +41,7 @@ class Mamba2DMIL(nn.Module):
         self.column_first, self.mask_padding, self.max_cells = scan_order == "column_first", mask_padding, max_cells
 
     def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
-        lattice = build_lattice(grid, self.max_cells)
+        lattice = build_lattice(grid, self.max_cells, features.device)
         # The residual stream stays float32 under bf16 autocast (as Mamba's residual_in_fp32): exact cell means,
         # and RMSNorm sees matching dtypes (its fused kernel).
         cells = place_on_lattice(self.embed(features).float(), lattice, self.pad)

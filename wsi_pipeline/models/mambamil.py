@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from . import register_model
-from .blocks import GatedAttentionPool, MambaBlock, MILOutput, embed, raster_order
+from .blocks import GatedAttentionPool, MambaBlock, MILOutput, embed, raster_order, to_device
 
 
 class MambaMIL(nn.Module):
@@ -26,16 +26,16 @@ class MambaMIL(nn.Module):
         self.pool = GatedAttentionPool(d_model, attn_hidden)
         self.head = nn.Linear(d_model, n_classes)
 
-    def _orders(self, grid: torch.Tensor) -> list[torch.Tensor]:
-        rows = raster_order(grid)
+    def _orders(self, grid: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        rows = to_device(raster_order(grid), device)
         if self.directions == 1:  # the column order is only sorted for the cross-scan
             return [rows]
-        cols = raster_order(grid, column_major=True)
+        cols = to_device(raster_order(grid, column_major=True), device)
         return [rows, rows.flip(0), cols, cols.flip(0)]
 
     def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
         x = self.embed(features).float()  # float32 residual stream under bf16 autocast, as in mamba2d
-        orders = self._orders(grid)
+        orders = self._orders(grid, features.device)
         for blocks in self.layers:
             update = torch.zeros_like(x)
             for block, order in zip(blocks, orders):
