@@ -1,9 +1,9 @@
 """Public scans with autograd: CUDA kernels on CUDA tensors, the pure-PyTorch reference otherwise.
 
 The kernels compute the whole operator, elementwise ends included (delta_bias and softplus, D u, the silu(z)
-gate), and every gradient; this module adapts dtypes, shapes and alignment. Backend choice: CUDA tensors of float32/float16/bfloat16 use the kernels when
-the extension builds; `WSI_PIPELINE_SCAN=reference` forces the reference; without nvcc, or when the build
-fails, the reference is used with one warning.
+gate), and every gradient; this module adapts dtypes, shapes and alignment. Backend choice: CUDA tensors of
+float32/float16/bfloat16 use the kernels when the extension builds; `WSI_PIPELINE_SCAN=reference` forces the
+reference; without nvcc, or when the build fails, the reference is used with one warning.
 """
 from __future__ import annotations
 
@@ -108,10 +108,8 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if height * width != u.shape[-1]:
         raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {u.shape[-1]}")
     pad = aligned_width(width, u.dtype) - width
-    if pad:  # 16-byte rows for the kernels' wide loads (200x203 bf16 forward+backward: 5.27 ms unwidened, 2.75 widened)
-        widen = _widen(height, width, pad)
-        B, C = (widen(x.unsqueeze(1) if x.dim() == 3 else x) for x in (B, C))
-        u, delta, z = (None if x is None else widen(x) for x in (u, delta, z))
+    if pad:  # 16-byte rows for the wide loads (200x203 bf16 forward+backward: 5.27 ms unwidened, 2.75 widened)
+        u, delta, B, C, z = (None if x is None else _widen(x, height, width, pad) for x in (u, delta, B, C, z))
     out = _Scan2d.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), int(height), int(width + pad))
     return out.unflatten(-1, (height, width + pad))[..., :width].flatten(-2) if pad else out
 
@@ -125,11 +123,11 @@ def aligned_width(width: int, dtype: torch.dtype = torch.bfloat16) -> int:
     return width + (-width % per_16_bytes if width > 64 else 0)
 
 
-def _widen(height: int, width: int, pad: int):
+def _widen(x: torch.Tensor, height: int, width: int, pad: int) -> torch.Tensor:
     """(..., height * width) -> (..., height * (width + pad)), zeros in the new right-most columns. Exact for the
     row-first scan: h[i, j] depends only on the cells (i' <= i, j' <= j), so columns on the right never reach the
     original ones (forward or backward), and their outputs are sliced off."""
-    return lambda x: F.pad(x.unflatten(-1, (height, width)), (0, pad)).flatten(-2)
+    return F.pad(x.unflatten(-1, (height, width)), (0, pad)).flatten(-2)
 
 
 def selective_scan_1d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

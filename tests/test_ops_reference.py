@@ -130,8 +130,7 @@ def test_right_padding_of_rows_is_exact():
     leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
     wide = {k: v.clone().requires_grad_() for k, v in x.items()}
     out = selective_scan_2d_ref(**leaves, delta_softplus=True, height=height, width=width)
-    widen = _widen(height, width, pad)
-    padded = {k: (widen(v) if k in ("u", "delta", "B", "C", "z") else v) for k, v in wide.items()}
+    padded = {k: (_widen(v, height, width, pad) if k in ("u", "delta", "B", "C", "z") else v) for k, v in wide.items()}
     out_wide = selective_scan_2d_ref(**padded, delta_softplus=True, height=height, width=width + pad)
     sliced = out_wide.unflatten(-1, (height, width + pad))[..., :width].flatten(-2)
     torch.testing.assert_close(sliced, out)
