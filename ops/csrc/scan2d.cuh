@@ -20,6 +20,9 @@
 // dtype; the backward stages dy = dout * silu(z) and its drain writes du (+ D dy), d delta (times softplus'), dz,
 // and sums dD and d delta_bias per thread, added once per block at the end. Phase A of the backward keeps each
 // lane's incoming horizontal state in shared memory when it fits (v10), so phase B needs no second scan for it.
+// The staging computes every per-position factor the drains need (v12): the gate silu(z) in the forward; dy,
+// softplus' in the backward, which also writes dz and sums dy u for dD there. Staged slots are double-buffered
+// (two windows), so a drain reads its window's factors while the next window is staged.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,6 +35,7 @@
 namespace scan {
 
 constexpr int kWindow = 4;  // steps (row tiles) staged and summed in shared memory between two barriers
+constexpr int kStaged = 2 * kWindow;  // staged slots: two windows, so that one drains while the next is staged
 constexpr unsigned kFull = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -96,72 +100,106 @@ struct Channel {
   }
 };
 
-// Shared memory of a block: NSTAGE staged per-position arrays and NPART per-warp partial sums, each for
-// kWindow steps of 32*K columns (rows padded against bank conflicts).
+// Shared memory of a block: NSTAGE staged per-position arrays, each for the 2 kWindow steps of two windows, and
+// NPART per-warp partial sums for the kWindow steps of one, all rows of 32*K columns (padded against bank
+// conflicts). Both are indexed by the step s: its slots are s mod 2 kWindow and s mod kWindow.
 template <int K, int NSTAGE, int NPART>
 struct Smem {
   static constexpr int kRow = 36 * K;
   float* base;
-  __device__ float* stage_ptr(int a, int slot, int col) const { return &stage(a, slot, col); }
-  __device__ float& stage(int a, int slot, int col) const { return base[(a * kWindow + slot) * kRow + padded(col)]; }
-  __device__ float& part(int a, int slot, int warp, int col) const {
-    return base[(NSTAGE * kWindow + (a * kWindow + slot) * kWarpsPerBlock + warp) * kRow + padded(col)];
+  __device__ float* stage_ptr(int a, int s, int col) const { return &stage(a, s, col); }
+  __device__ float& stage(int a, int s, int col) const {
+    return base[(a * kStaged + (s & (kStaged - 1))) * kRow + padded(col)];
+  }
+  __device__ float& part(int a, int s, int warp, int col) const {
+    return base[(NSTAGE * kStaged + (a * kWindow + (s & (kWindow - 1))) * kWarpsPerBlock + warp) * kRow + padded(col)];
   }
   // The sums over the warps of N = 1 or 4 consecutive columns from col (a multiple of N: 16-byte aligned,
   // unpadded).
   template <int N>
-  __device__ void sum(int a, int slot, int col, int nwarps, float (&v)[N]) const {
+  __device__ void sum(int a, int s, int col, int nwarps, float (&v)[N]) const {
 #pragma unroll
     for (int q = 0; q < N; ++q) v[q] = 0.f;
     for (int w = 0; w < nwarps; ++w) {
       if constexpr (N == 4) {
-        const float4 x = *reinterpret_cast<const float4*>(&part(a, slot, w, col));
+        const float4 x = *reinterpret_cast<const float4*>(&part(a, s, w, col));
         v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
       } else {
-        v[0] += part(a, slot, w, col);
+        v[0] += part(a, s, w, col);
       }
     }
   }
   __host__ __device__ static constexpr size_t bytes() {
-    return sizeof(float) * kRow * kWindow * (NSTAGE + NPART * kWarpsPerBlock);
+    return sizeof(float) * kRow * (NSTAGE * kStaged + NPART * kWindow * kWarpsPerBlock);
   }
 };
 
-// Stages delta (after bias and softplus), u and, for the backward (kDy), dy = dout * silu(z) for the kWindow
-// steps of a window; where(slot, i, t) gives the step's row and tile (i < 0: past the end). Called by the whole
-// block. With P channels per warp, shared column col belongs to segment col / (TILE / P) (the channel
+template <int P>
+__device__ __forceinline__ void add_to(float (&acc)[P], int seg, float v) {
+#pragma unroll
+  for (int q = 0; q < P; ++q)
+    if (q == seg) acc[q] += v;
+}
+
+// What a window stages per position, besides delta (after bias and softplus, array 0) and u (array 1):
+//   kForward: 2 the gate silu(z) (1 without z);
+//   kRecompute (the backward's phase A): nothing more;
+//   kAdjoint (phase B): 2 dy = dout * silu(z), 3 softplus'(delta + bias) (1 without softplus); it also writes dz
+//   (which needs no scan) and adds dy u to the thread's dD shares (acc).
+// So the drains read their per-position factors from shared memory rather than from global memory.
+enum class Staged { kForward, kRecompute, kAdjoint };
+template <Staged kKind>
+constexpr int n_staged() { return kKind == Staged::kRecompute ? 2 : kKind == Staged::kForward ? 3 : 4; }
+
+// Stages the kWindow steps from s0; where(s, i, t) gives step s's row and tile (i < 0: past the end). Called by
+// the whole block. With P channels per warp, shared column col belongs to segment col / (TILE / P) (the channel
 // blockIdx.x * P + segment; the P channels are consecutive within one batch).
-template <typename T, int K, int P, bool kDy, class S, class Where>
-__device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& ch, const S& sm, Where where) {
+template <typename T, int K, int P, Staged kKind, class S, class Where>
+__device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& ch, const S& sm, int s0, Where where,
+                                             float (&acc)[P]) {
   constexpr int TILE = 32 * K, SEGT = TILE / P;
+  const T* __restrict__ dout = static_cast<const T*>(p.dout);
+  const T* __restrict__ z = static_cast<const T*>(p.z);
   for (int idx = threadIdx.x; idx < kWindow * TILE; idx += blockDim.x) {
-    const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT, ds = seg - ch.seg;
+    const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT, ds = seg - ch.seg, s = s0 + slot;
     int i, t;
-    where(slot, i, t);
+    where(s, i, t);
     const int j = t * SEGT + col - seg * SEGT;
-    float dt = 0.f, uu = 0.f, g = 0.f;
+    float dt = 0.f, uu = 0.f, x2 = kKind == Staged::kForward ? 1.f : 0.f, x3 = 1.f;
     if (i >= 0 && j < ch.W) {
       const long l = (long)i * ch.W + j + ds * ch.L;  // ch's pointers moved to the column's channel
-      dt = to_float(ch.delta[l]) + (P == 1 ? ch.bias : p.delta_bias ? p.delta_bias[ch.d + ds] : 0.f);
-      if (p.softplus) dt = softplus(dt);
-      uu = to_float(ch.u[l]);
-      if constexpr (kDy) {
-        const long m = (long)ch.c * ch.L + l;
-        g = to_float(static_cast<const T*>(p.dout)[m]);
+      const long m = (long)ch.c * ch.L + l;           // the element in the (batch, dim, L) tensors
+      const float raw = to_float(__ldg(ch.delta + l)) +
+                        (P == 1 ? ch.bias : p.delta_bias ? p.delta_bias[ch.d + ds] : 0.f);
+      dt = p.softplus ? softplus(raw) : raw;
+      uu = to_float(__ldg(ch.u + l));
+      if constexpr (kKind == Staged::kForward) {
         if (p.z) {
-          const float zz = to_float(static_cast<const T*>(p.z)[m]);
-          g *= zz * sigmoid(zz);
+          const float zz = to_float(__ldg(z + m));
+          x2 = zz * sigmoid(zz);
         }
+      } else if constexpr (kKind == Staged::kAdjoint) {
+        const float g = to_float(__ldg(dout + m));
+        x2 = g;
+        if (p.z) {
+          const float zz = to_float(__ldg(z + m)), sg = sigmoid(zz);
+          x2 = g * zz * sg;
+          if (blockIdx.y == 0)
+            static_cast<T*>(p.dz)[m] = from_float<T>(g * __ldg(p.ypre + m) * sg * (1.f + zz * (1.f - sg)));
+        }
+        if (p.softplus) x3 = sigmoid(raw);
+        if (p.D && blockIdx.y == 0) add_to<P>(acc, seg, x2 * uu);
       }
     }
-    sm.stage(0, slot, col) = dt;  // zero past the row's end: dA = 1 and dBu = 0 there (identity)
-    sm.stage(1, slot, col) = uu;
-    if constexpr (kDy) sm.stage(2, slot, col) = g;
+    sm.stage(0, s, col) = dt;  // zero past the row's end: dA = 1 and dBu = 0 there (identity); dy zero too
+    sm.stage(1, s, col) = uu;
+    if constexpr (kKind != Staged::kRecompute) sm.stage(2, s, col) = x2;
+    if constexpr (kKind == Staged::kAdjoint) sm.stage(3, s, col) = x3;
   }
 }
 
 // Runs nsteps steps in windows of kWindow: drain(previous window) and stage(this window) by the whole block,
-// a barrier, step(s, slot) for each step of the window by every warp, a barrier.
+// a barrier, step(s) for each step s of the window by every warp, a barrier.
 template <class Stage, class Step, class Drain>
 __device__ __forceinline__ void windows(int nsteps, Stage stage, Step step, Drain drain) {
   for (int s0 = 0;; s0 += kWindow) {
@@ -170,13 +208,13 @@ __device__ __forceinline__ void windows(int nsteps, Stage stage, Step step, Drai
     __syncthreads();
     if (s0 >= nsteps) break;
     const int count = min(kWindow, nsteps - s0);
-    for (int slot = 0; slot < count; ++slot) step(s0 + slot, slot);
+    for (int s = s0; s < s0 + count; ++s) step(s);
     __syncthreads();
   }
 }
 
 // The drain of a window: for each of the count steps from s0 (at (row, tile) = where(step)) and each group of N
-// columns of its tile that starts inside the row, emit(slot, col, seg, l, q_end): shared column col, segment
+// columns of its tile that starts inside the row, emit(s, col, seg, l, q_end): shared column col, segment
 // seg, l the index of the group's first column within the segment's channel (row-major), q_end <= N the
 // group's columns inside the row. Called by the whole block; N = 4 columns per thread for 16-byte reads of the
 // partials where registers allow.
@@ -187,7 +225,7 @@ __device__ __forceinline__ void drain_window(int s0, int count, int W, Where whe
     const int slot = idx / GROUPS, col = (idx - slot * GROUPS) * N, seg = col / SEGT;
     const int2 it = where(s0 + slot);
     const int j = it.y * SEGT + col - seg * SEGT;
-    if (j < W) emit(slot, col, seg, (long)it.x * W + j, min(N, W - j));
+    if (j < W) emit(s0 + slot, col, seg, (long)it.x * W + j, min(N, W - j));
   }
 }
 
@@ -337,12 +375,12 @@ __device__ __forceinline__ bool wide_ok(int width) { return (width * (int)sizeof
 // dA = exp(delta A) and dBu = delta u B for the lane's K columns of a staged step (zero past `valid`), and the
 // lane's composed map x -> a x + b over them, returned as (a, b).
 template <typename T, int K, class S>
-__device__ __forceinline__ float2 discretise(const S& sm, int slot, const Channel<T>& ch, int row, int j0,
+__device__ __forceinline__ float2 discretise(const S& sm, int s, const Channel<T>& ch, int row, int j0,
                                              int valid, bool vec, float (&dA)[K], float (&bu)[K]) {
   const int lane = threadIdx.x & 31;
   float dt[K], uu[K], a = 1.f, b = 0.f;
-  lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
-  lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
+  lds<K>(sm.stage_ptr(0, s, lane * K), dt);
+  lds<K>(sm.stage_ptr(1, s, lane * K), uu);
   ldg<T, K>(ch.B + row, j0, valid, vec, bu);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -354,32 +392,31 @@ __device__ __forceinline__ float2 discretise(const S& sm, int slot, const Channe
   return make_float2(a, b);
 }
 
-// The forward's elementwise end at element l of the (batch, dim, L) tensors, channel d, given sum_n C h.
+// The forward's elementwise end at element l of the (batch, dim, L) tensors, channel d, given sum_n C h, u and
+// the gate silu(z) (1 without z).
 template <typename T>
-__device__ __forceinline__ void finish_forward(const Params& p, int d, long l, float ysum) {
-  float v = ysum;
-  if (p.D) v += p.D[d] * to_float(static_cast<const T*>(p.u)[l]);
-  if (p.z) {
-    p.ypre[l] = v;
-    const float zz = to_float(static_cast<const T*>(p.z)[l]);
-    v *= zz * sigmoid(zz);
-  }
-  static_cast<T*>(p.out)[l] = from_float<T>(v);
+__device__ __forceinline__ void finish_forward(const Params& p, int d, long l, float ysum, float u, float gate) {
+  const float v = p.D ? ysum + p.D[d] * u : ysum;
+  if (p.z) p.ypre[l] = v;
+  static_cast<T*>(p.out)[l] = from_float<T>(v * gate);
 }
 
 // With atomic_out the blocks of a channel have added their sums into ypre; this writes out (and ypre).
 template <typename T>
 __global__ void scan2d_finish_kernel(Params p) {
   const long L = (long)p.height * p.width, total = (long)p.batch * p.dim * L;
-  for (long l = blockIdx.x * (long)blockDim.x + threadIdx.x; l < total; l += (long)gridDim.x * blockDim.x)
-    finish_forward<T>(p, (int)((l / L) % p.dim), l, p.ypre[l]);
+  for (long l = blockIdx.x * (long)blockDim.x + threadIdx.x; l < total; l += (long)gridDim.x * blockDim.x) {
+    const float zz = p.z ? to_float(static_cast<const T*>(p.z)[l]) : 0.f;
+    finish_forward<T>(p, (int)((l / L) % p.dim), l, p.ypre[l], to_float(static_cast<const T*>(p.u)[l]),
+                      p.z ? zz * sigmoid(zz) : 1.f);
+  }
 }
 
 template <typename T, int K, int P>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
   constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
   extern __shared__ float smem[];
-  const Smem<K, 2, 1> sm{smem};
+  const Smem<K, n_staged<Staged::kForward>(), 1> sm{smem};
   const Channel<T> ch(p, SEGT, P);
   const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = ch.ntiles, steps = H * nt;
@@ -391,37 +428,37 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
 #pragma unroll
   for (int k = 0; k < K; ++k) hv[k] = 0.f;
   float gc = 0.f;  // horizontal carry between the tiles of a row
+  float unused[P];
   auto stage = [&](int s0) {
-    stage_window<T, K, P, false>(p, ch, sm, [&](int slot, int& i, int& t) {
-      const int s = s0 + slot;
+    stage_window<T, K, P, Staged::kForward>(p, ch, sm, s0, [&](int s, int& i, int& t) {
       const int2 it = split_step(s, nt);
       i = s < steps ? it.x : -1;
       t = it.y;
-    });
+    }, unused);
   };
   auto drain = [&](int s0, int count) {
     drain_window<K, P, 4>(s0, count, W, [&](int s) { return split_step(s, nt); },
-                          [&](int slot, int col, int seg, long l, int q_end) {
+                          [&](int s, int col, int seg, long l, int q_end) {
       float v[4];
-      sm.template sum<4>(0, slot, col, nwarps, v);
+      sm.template sum<4>(0, s, col, nwarps, v);
       l += (c0 + seg) * ch.L;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         if (q >= q_end) break;
         if (p.atomic_out) atomicAdd(p.ypre + l + q, v[q]);
-        else finish_forward<T>(p, d0 + seg, l + q, v[q]);
+        else finish_forward<T>(p, d0 + seg, l + q, v[q], sm.stage(1, s, col + q), sm.stage(2, s, col + q));
       }
     });
   };
   const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
-  auto step = [&](int s, int slot) {
+  auto step = [&](int s) {
     const int2 it = split_step(s, nt);
     const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
     const int valid = ch.active ? W - j0 : 0;
     if (t == 0) gc = 0.f;
     float dA[K], bu[K], cc[K];
     ldg<T, K>(ch.C + i * W, j0, valid, vec, cc);
-    const float2 ab = discretise<T, K>(sm, slot, ch, i * W, j0, valid, vec, dA, bu);
+    const float2 ab = discretise<T, K>(sm, s, ch, i * W, j0, valid, vec, dA, bu);
     float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
     if (nt > 1) {
       if (i > 0) ldg<float, K, false>(carry, j0, valid, vecf, hv);
@@ -434,7 +471,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
       hv[k] = dA[k] * hv[k] + g;
       yv[k] = cc[k] * hv[k];
     }
-    sts<K>(&sm.part(0, slot, warp, lane * K), yv);
+    sts<K>(&sm.part(0, s, warp, lane * K), yv);
     if (i + 1 < H) {
       if ((i + 1) % kStrip == 0) stg<K>(ckpt + ((i + 1) / kStrip - 1) * W + j0, valid, vecf, hv);
       if (nt > 1) stg<K>(carry + j0, valid, vecf, hv);
@@ -443,34 +480,15 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
   windows(steps, stage, step, drain);
 }
 
-template <int P>
-__device__ __forceinline__ void add_to(float (&acc)[P], int seg, float v) {
-#pragma unroll
-  for (int q = 0; q < P; ++q)
-    if (q == seg) acc[q] += v;
-}
-
 // The backward's elementwise end at element l, channel d (segment seg of the block), given the sums over the
-// block's states of d(sum_n C h)/du and /d(delta after softplus): writes du (+ D dy), d delta (times softplus'),
-// dz; adds dy u and d delta to the segment's dD and d delta_bias sums. The block of states 0-15 (blockIdx.y 0)
-// adds the terms that do not depend on the states.
+// block's states of d(sum_n C h)/du and /d(delta after softplus), and the staged dy and softplus': writes du
+// (+ D dy) and d delta (times softplus'), adds d delta to the segment's d delta_bias sum. The block of states
+// 0-15 (blockIdx.y 0) adds the terms that do not depend on the states (dz and dD are the stage's).
 template <typename T, int P>
-__device__ __forceinline__ void finish_backward(const Params& p, int d, long l, float du, float dd, int seg,
-                                                float (&accD)[P], float (&accB)[P]) {
-  const bool first = blockIdx.y == 0;
-  const float g = to_float(static_cast<const T*>(p.dout)[l]);
-  float dy = g;
-  if (p.z) {
-    const float zz = to_float(static_cast<const T*>(p.z)[l]), sg = sigmoid(zz);
-    dy = g * zz * sg;
-    if (first) static_cast<T*>(p.dz)[l] = from_float<T>(g * p.ypre[l] * sg * (1.f + zz * (1.f - sg)));
-  }
-  if (p.D && first) {
-    du += p.D[d] * dy;
-    add_to<P>(accD, seg, dy * to_float(static_cast<const T*>(p.u)[l]));
-  }
-  if (p.softplus)
-    dd *= sigmoid(to_float(static_cast<const T*>(p.delta)[l]) + (p.delta_bias ? p.delta_bias[d] : 0.f));
+__device__ __forceinline__ void finish_backward(const Params& p, int d, long l, float du, float dd, float dy,
+                                                float dsoftplus, int seg, float (&accB)[P]) {
+  if (p.D && blockIdx.y == 0) du += p.D[d] * dy;
+  dd *= dsoftplus;
   add_to<P>(accB, seg, dd);
   if (p.atomic_out) {
     atomicAdd(static_cast<float*>(p.du) + l, du);
@@ -488,7 +506,8 @@ template <typename T, int K, int P>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bwd_kernel(Params p) {
   constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
   extern __shared__ float smem[];
-  const Smem<K, 3, 2> sm{smem};  // staged: dt, dt*u, dy; partials: du, ddelta
+  using Shared = Smem<K, n_staged<Staged::kAdjoint>(), 2>;  // partials: du, ddelta
+  const Shared sm{smem};
   const Channel<T> ch(p, SEGT, P);
   const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = ch.ntiles;
@@ -504,7 +523,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
   float* gbuf = p.gbuf + ch.cn * p.strip * nt;
   // v10: with lane_carries, g[i, j0 - 1] (the horizontal state entering each lane's columns) of every step of the
   // strip, behind the window buffers: written by phase A, read by the same lane in phase B (no barrier needed)
-  float* glane = smem + Smem<K, 3, 2>::bytes() / sizeof(float) + warp * kStrip * nt * 32 + lane;
+  float* glane = smem + Shared::bytes() / sizeof(float) + warp * kStrip * nt * 32 + lane;
   float* lcarry = p.carry + ch.cn * W;
   float* dB = p.dB + (ch.B - (const T*)p.B);
   float* dC = p.dC + (ch.C - (const T*)p.C);
@@ -530,20 +549,19 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
         return make_int2(r0 + it.x, it.y);
       };
       auto stage = [&](int s0) {
-        stage_window<T, K, P, false>(p, ch, sm, [&](int slot, int& i, int& t) {
-          const int s = s0 + slot;
+        stage_window<T, K, P, Staged::kRecompute>(p, ch, sm, s0, [&](int s, int& i, int& t) {
           const int2 it = where(s);
           i = s < nsteps ? it.x : -1;
           t = it.y;
-        });
+        }, accD);
       };
-      auto step = [&](int s, int slot) {
+      auto step = [&](int s) {
         const int2 it = where(s);
         const int i = it.x, t = it.y, j0 = t * SEGT + slane * K, valid = ch.active ? W - j0 : 0;
         if (t == 0) gc = 0.f;
         if (!p.lane_carries && slane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
         float dA[K], bu[K];
-        const float2 ab = discretise<T, K>(sm, slot, ch, i * W, j0, valid, vec, dA, bu);
+        const float2 ab = discretise<T, K>(sm, s, ch, i * W, j0, valid, vec, dA, bu);
         float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
         if (p.lane_carries) glane[((i - r0) * nt + t) * 32] = g;
         if (i == r1) return;  // the last row needs only its carries
@@ -567,29 +585,29 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
         return make_int2(r1 - it.x, nt - 1 - it.y);
       };
       auto stage = [&](int s0) {
-        stage_window<T, K, P, true>(p, ch, sm, [&](int slot, int& i, int& t) {
-          const int s = s0 + slot;
+        stage_window<T, K, P, Staged::kAdjoint>(p, ch, sm, s0, [&](int s, int& i, int& t) {
           const int2 it = where(s);
           i = s < nsteps ? it.x : -1;
           t = it.y;
-        });
+        }, accD);
       };
       auto drain = [&](int s0, int count) {
         // one column per thread: 4 (as the forward) spill at K <= 2 and measured no faster at K >= 4
         constexpr int N = 1;
-        drain_window<K, P, N>(s0, count, W, where, [&](int slot, int col, int seg, long l, int q_end) {
+        drain_window<K, P, N>(s0, count, W, where, [&](int s, int col, int seg, long l, int q_end) {
           float du[N], dd[N];
-          sm.template sum<N>(0, slot, col, nwarps, du);
-          sm.template sum<N>(1, slot, col, nwarps, dd);
+          sm.template sum<N>(0, s, col, nwarps, du);
+          sm.template sum<N>(1, s, col, nwarps, dd);
           l += (c0 + seg) * ch.L;
 #pragma unroll
           for (int q = 0; q < N; ++q) {
             if (q >= q_end) break;
-            finish_backward<T, P>(p, d0 + seg, l + q, du[q], dd[q], seg, accD, accB);
+            finish_backward<T, P>(p, d0 + seg, l + q, du[q], dd[q], sm.stage(2, s, col + q), sm.stage(3, s, col + q),
+                                  seg, accB);
           }
         });
       };
-      auto step = [&](int s, int slot) {
+      auto step = [&](int s) {
         const int2 it = where(s);
         const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
         if (t == nt - 1) lgc = 0.f, dA_right = 0.f;
@@ -599,9 +617,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           if (i + 1 < H) ldg<float, K, false>(lcarry, j0, valid, vecf, lv);
           else for (int k = 0; k < K; ++k) lv[k] = 0.f;
         }
-        lds<K>(sm.stage_ptr(0, slot, lane * K), dt);
-        lds<K>(sm.stage_ptr(1, slot, lane * K), uu);
-        lds<K>(sm.stage_ptr(2, slot, lane * K), dyk);
+        lds<K>(sm.stage_ptr(0, s, lane * K), dt);
+        lds<K>(sm.stage_ptr(1, s, lane * K), uu);
+        lds<K>(sm.stage_ptr(2, s, lane * K), dyk);
         ldg<T, K>(ch.B + i * W, j0, valid, vec, bb);
         ldg<T, K>(ch.C + i * W, j0, valid, vec, lh);
         h_above(i, j0, valid, hp);
@@ -657,8 +675,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           dA_sum += ddA * dA[k] * dt[k];
           lv[k] = dA[k] * lh[k];
         }
-        sts<K>(&sm.part(0, slot, warp, lane * K), pdu);
-        sts<K>(&sm.part(1, slot, warp, lane * K), pdd);
+        sts<K>(&sm.part(0, s, warp, lane * K), pdu);
+        sts<K>(&sm.part(1, s, warp, lane * K), pdd);
         if (nt > 1 && i > 0) stg<K>(lcarry + j0, valid, vecf, lv);
 #pragma unroll
         for (int off = SEG; off < 32; off <<= 1) {  // the P channels share B, C: sum them before the atomics
@@ -730,12 +748,13 @@ inline int max_smem_per_block() {
 template <typename T, bool kFwd, int K, int P>
 void launch_one(const Params& p, cudaStream_t stream) {
   if constexpr (kFwd) {
-    launch(scan2d_fwd_kernel<T, K, P>, p, Smem<K, 2, 1>::bytes(), stream, P);
+    launch(scan2d_fwd_kernel<T, K, P>, p, Smem<K, n_staged<Staged::kForward>(), 1>::bytes(), stream, P);
   } else {
     // the lanes' horizontal carries of a strip in shared memory when they fit (rows of up to ~4 tiles)
     Params q = p;
     const int nt = (p.width + 32 * K / P - 1) / (32 * K / P);
-    const size_t carries = sizeof(float) * kWarpsPerBlock * kStrip * nt * 32, base = Smem<K, 3, 2>::bytes();
+    const size_t carries = sizeof(float) * kWarpsPerBlock * kStrip * nt * 32;
+    const size_t base = Smem<K, n_staged<Staged::kAdjoint>(), 2>::bytes();
     q.lane_carries = base + carries <= (size_t)max_smem_per_block();
     launch(scan2d_bwd_kernel<T, K, P>, q, base + (q.lane_carries ? carries : 0), stream, P);
   }
