@@ -6,7 +6,8 @@
 
 Every model is built from its configs/model/<name>.yaml (the trainer's defaults), trained on the same slide in
 one process, bf16 autocast on CUDA as in the trainer. The features sit on the device already (the step only);
-the grid stays on the host, as the trainer passes it.
+the grid stays on the host, as the trainer passes it. The models' steps run in interleaved rounds: the steps
+are bound by the host issuing kernels, and the host's speed drifts between runs.
 Prints one line per model and, with --json, writes the numbers.
 """
 from __future__ import annotations
@@ -57,22 +58,36 @@ def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor, amp: bool) -> 
     return step
 
 
-def bench_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, warmup: int, amp: bool) -> dict:
-    step = make_step(name, feats, grid, amp)
-    cuda = feats.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+def timed_steps(step: Callable[[], None], n: int, cuda: bool) -> list[float]:
+    """ms of each of n steps, each waited for."""
     times = []
-    for i in range(warmup + steps):
+    for _ in range(n):
         start = time.perf_counter()
         step()
         if cuda:
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
-    return {"model": name, "ms_per_step": statistics.median(times), "ms_min": min(times), "peak_mib": peak}
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def bench_models(names: list[str], feats: torch.Tensor, grid: torch.Tensor, steps: int, warmup: int, amp: bool,
+                 rounds: int) -> list[dict]:
+    """Each model's steps in `rounds` interleaved rounds (model A's share, model B's, ..., again), so that drifts of
+    the host's speed, which bounds these steps, reach every model alike; peak memory per model."""
+    cuda = feats.device.type == "cuda"
+    models, peaks, times = {}, {}, {name: [] for name in names}
+    for name in names:  # build and warm up each model, measuring its peak memory on its own
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        models[name] = make_step(name, feats, grid, amp)
+        timed_steps(models[name], warmup, cuda)
+        peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
+    for r in range(rounds):
+        for name in names:
+            times[name] += timed_steps(models[name], steps // rounds + (r < steps % rounds), cuda)
+    return [{"model": name, "ms_per_step": statistics.median(times[name]), "ms_min": min(times[name]),
+             "peak_mib": peaks[name]} for name in names]
 
 
 def profile_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, amp: bool, rows: int) -> str:
@@ -107,6 +122,7 @@ def main() -> None:
     parser.add_argument("--models", default="mamba2d,mambamil,abmil")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the steps are split into")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA instead of bf16 autocast")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -122,9 +138,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"slide: {args.side}x{args.side} lattice, {len(grid)} tissue cells, {args.dim}-d features; "
           f"device {device_name}; {'fp32' if args.no_amp else 'bf16 autocast'} on CUDA; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
-    results = [bench_model(name, feats, grid, args.steps, args.warmup, not args.no_amp)
-               for name in args.models.split(",")]
+          f"median of {args.steps} steps after {args.warmup} warm-up, in {args.rounds} interleaved rounds")
+    results = bench_models(args.models.split(","), feats, grid, args.steps, args.warmup, not args.no_amp, args.rounds)
     base = next((r["ms_per_step"] for r in results if r["model"] == "abmil"), None)
     for r in results:
         ratio = f"{r['ms_per_step'] / base:5.2f}x ABMIL" if base else ""

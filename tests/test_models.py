@@ -74,6 +74,29 @@ def test_lattice_is_cropped_to_tissue_and_capped_by_a_stride():
     assert int(capped.count.sum()) == 60_000
 
 
+def test_lattice_is_widened_with_background_to_aligned_sides():
+    """A 3 x 70 box becomes 3 x 72 (rows the kernels read with 16-byte loads): the new cells are background,
+    masked out of the attention, and the rows keep their cells."""
+    grid = torch.tensor([[5, 0], [7, 69], [6, 30]])
+    lattice = build_lattice(grid, max_cells=1000)
+    assert (lattice.height, lattice.width, lattice.merged) == (3, 72, False)
+    assert lattice.cell.tolist() == [0, 2 * 72 + 69, 72 + 30]
+    background = lattice.count == 0
+    assert torch.equal(lattice.background, background.float())
+    assert torch.equal(lattice.score_bias == float("-inf"), background) and lattice.score_bias.max() == 0
+    assert (build_lattice(grid, max_cells=3 * 71).width, build_lattice(grid, max_cells=3 * 71).stride) == (70, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lattice_reaches_the_device_in_one_copy_unchanged():
+    grid = torch.from_numpy(tissue_cells(90, 75, 3000, np.random.default_rng(0)))
+    host, device = build_lattice(grid, 10_000), build_lattice(grid, 10_000, torch.device("cuda"))
+    for name in ("cell", "count", "background", "score_bias"):
+        got = getattr(device, name)
+        assert got.is_cuda and got.dtype == getattr(host, name).dtype
+        torch.testing.assert_close(got.cpu(), getattr(host, name))
+
+
 def test_mamba2d_caps_huge_lattices_and_keeps_one_weight_per_row():
     model = small_model("mamba2d", max_cells=50)
     feats, grid, _ = tiny_bags(1)[0]

@@ -146,10 +146,19 @@ std::vector<torch::Tensor> scan2d_bwd(torch::Tensor u, torch::Tensor delta, torc
   // with atomic_out the blocks of a channel add their shares: fp32 sums, rounded to u's dtype at the end
   auto du = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty_like(u);
   auto ddelta = p.atomic_out ? torch::zeros(u.sizes(), f32) : torch::empty_like(u);
-  auto dA = torch::zeros(A.sizes(), f32), dB = torch::zeros(B.sizes(), f32), dC = torch::zeros(C.sizes(), f32);
+  // the kernel's sums start from zero: one buffer (one fill) for all of them
+  const int64_t nD = D.has_value() ? s.dim : 0, nbias = delta_bias.has_value() ? s.dim : 0;
+  auto sums = torch::zeros({A.numel() + B.numel() + C.numel() + nD + nbias}, f32);
+  int64_t offset = 0;
+  auto take = [&](int64_t n, at::IntArrayRef shape) {
+    auto t = sums.narrow(0, offset, n).view(shape);
+    offset += n;
+    return t;
+  };
+  auto dA = take(A.numel(), A.sizes()), dB = take(B.numel(), B.sizes()), dC = take(C.numel(), C.sizes());
   torch::Tensor dD, dz, dbias;
-  if (D.has_value()) dD = torch::zeros({s.dim}, f32);
-  if (delta_bias.has_value()) dbias = torch::zeros({s.dim}, f32);
+  if (D.has_value()) dD = take(nD, {s.dim});
+  if (delta_bias.has_value()) dbias = take(nbias, {s.dim});
   if (z.has_value()) {
     SCAN_CHECK(ypre.has_value(), "ypre from the forward is needed when z is given");
     check_input(*ypre, "ypre", at::kFloat);

@@ -8,6 +8,7 @@ kernels that replace the references behind the same names are picked up without 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,21 @@ import torch.nn.functional as F
 import ops
 
 
-@dataclass
 class MILOutput:
-    logits: torch.Tensor  # (n_classes,) class logits, or hazard logits for survival
-    attention: torch.Tensor  # (N,) one weight per input row, softmax-normalised over tissue
+    """logits (n_classes,): class logits, or hazard logits for survival; attention (N,): one weight per input row,
+    softmax-normalised over tissue. `attention` may be given as a function, called on first access: a model that
+    maps its weights back to rows (2DMambaMIL) then spends nothing on it in a training step, which never reads it.
+    """
+
+    def __init__(self, logits: torch.Tensor, attention: torch.Tensor | Callable[[], torch.Tensor]):
+        self.logits = logits
+        self._attention = attention
+
+    @property
+    def attention(self) -> torch.Tensor:
+        if callable(self._attention):
+            self._attention = self._attention()
+        return self._attention
 
 
 def survival_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,7 +50,8 @@ def embed(in_dim: int, d_model: int, dropout: float) -> nn.Sequential:
 class GatedAttentionPool(nn.Module):
     """Ilse et al.'s gated attention: a = w^T (tanh(V h) * sigmoid(U h)); pooled = sum softmax(a) h.
 
-    `mask` (L,) bool keeps padding cells out of the softmax; without it every row takes part.
+    `bias` (L,) is added to the scores: -inf keeps a (padding) cell out of the softmax; without it every row
+    takes part.
     """
 
     def __init__(self, d_model: int, hidden: int = 128, dropout: float = 0.0):
@@ -47,10 +60,10 @@ class GatedAttentionPool(nn.Module):
         self.u = nn.Sequential(nn.Linear(d_model, hidden), nn.Sigmoid(), nn.Dropout(dropout))
         self.w = nn.Linear(hidden, 1)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.w(self.v(h) * self.u(h)).squeeze(-1).float()
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        if bias is not None:  # an addition: no kernel in the backward (a masked_fill costs two each way)
+            scores = scores + bias
         weights = torch.softmax(scores, dim=0)
         return weights.to(h.dtype) @ h, weights
 
@@ -62,11 +75,14 @@ class GatedAttentionPool(nn.Module):
 class Lattice:
     """Where each input row sits on the (cropped, possibly coarsened) lattice of height x width cells."""
 
-    cell: torch.Tensor  # (N,) long, row-major cell index of each input row
-    count: torch.Tensor  # (height * width,) rows per cell; 0 = background (padding)
+    cell: torch.Tensor  # (N,) int32, row-major cell index of each input row
+    count: torch.Tensor  # (height * width,) int32, rows per cell
+    background: torch.Tensor  # (height * width,) float32, 1 on cells without rows (padding), else 0
+    score_bias: torch.Tensor  # (height * width,) float32, -inf on background, else 0: attention over tissue only
     height: int
     width: int
     stride: int  # lattice cells per side merged into one (1 = the slide's own lattice)
+    merged: bool  # some cell holds several rows (their mean is taken)
 
     @property
     def occupied(self) -> torch.Tensor:
@@ -83,12 +99,29 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def to_device_together(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Contiguous host tensors onto `device` in one copy (`to_device` of their bytes, one after the other; each
+    tensor's offset must suit its dtype's alignment: put the wider dtypes first), viewed back on the device."""
+    if device.type != "cuda" or all(t.device == device for t in tensors):
+        return [to_device(t, device) for t in tensors]
+    flat = to_device(torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors]), device)
+    out, start = [], 0
+    for t in tensors:
+        size = t.numel() * t.element_size()
+        out.append(flat[start:start + size].view(t.dtype).view(t.shape))
+        start += size
+    return out
+
+
 def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | None = None) -> Lattice:
-    """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at
-    most `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged).
+    """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at most
+    `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged); widen it with
+    background on the right and at the bottom to sides the scan kernels read at full speed (`ops.aligned_width`:
+    a multiple of 8 cells above 64) when that stays within `max_cells`. The added cells are padding like any
+    other background cell, and the Mamba blocks then need no widening of their own (a copy each way).
 
     The lattice's sides are Python ints (the scan's shape): built from a grid on the host (the trainer passes
-    it there) this costs no device synchronisation; `cell` and `count` then go to `device` without blocking.
+    it there) this costs no device synchronisation, and its tensors go to `device` in one copy that does not block.
     """
     rc = grid.long() - grid.long().min(dim=0).values
     height, width = (v + 1 for v in rc.max(dim=0).values.tolist())  # a device sync only for a device grid
@@ -97,18 +130,29 @@ def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | Non
         stride += 1
     rc = rc // stride
     height, width = math.ceil(height / stride), math.ceil(width / stride)
-    cell = rc[:, 0] * width + rc[:, 1]
+    if ops.aligned_width(height) * ops.aligned_width(width) <= max_cells:  # else the blocks widen their rows
+        height, width = ops.aligned_width(height), ops.aligned_width(width)
+    cell = (rc[:, 0] * width + rc[:, 1]).int()
     # index_add rather than bincount: bincount on CUDA reads max(cell) back to the host (one more sync per step)
-    count = torch.zeros(height * width, dtype=torch.long, device=cell.device).index_add_(0, cell, torch.ones_like(cell))
+    count = torch.zeros(height * width, dtype=torch.int32, device=cell.device).index_add_(0, cell, torch.ones_like(cell))
+    merged = bool(count.max() > 1)  # a device sync only for a device grid
+    background = (count == 0).float()
+    score_bias = torch.zeros_like(background).masked_fill_(count == 0, float("-inf"))
     device = cell.device if device is None else torch.device(device)
-    return Lattice(to_device(cell, device), to_device(count, device), height, width, stride)
+    tensors = to_device_together([cell, count, background, score_bias], device)
+    return Lattice(*tensors, height, width, stride, merged)
 
 
 def place_on_lattice(h: torch.Tensor, lattice: Lattice, pad: torch.Tensor) -> torch.Tensor:
-    """(N, d) rows → (height * width, d) cells: mean of the rows in each cell, `pad` (d,) where there are none."""
-    sums = h.new_zeros(lattice.height * lattice.width, h.shape[1]).index_add(0, lattice.cell, h)
-    count = lattice.count.clamp(min=1).to(h.dtype).unsqueeze(1)
-    return torch.where(lattice.occupied.unsqueeze(1), sums / count, pad.to(h.dtype))
+    """(N, d) rows → (height * width, d) cells: mean of the rows in each cell, `pad` (d,) where there are none.
+
+    Written for few kernels (a training step is bound by their launches): a sum into zeros in place, the mean only
+    where cells merge rows, and the pad token added where there are none (its gradient: one product, one sum).
+    """
+    cells = h.new_zeros(lattice.height * lattice.width, h.shape[1]).index_add_(0, lattice.cell, h)
+    if lattice.merged:
+        cells = cells / lattice.count.clamp(min=1).to(h.dtype).unsqueeze(1)
+    return torch.addcmul(cells, lattice.background.to(h.dtype).unsqueeze(1), pad.to(h.dtype))
 
 
 def row_attention(cell_weights: torch.Tensor, lattice: Lattice) -> torch.Tensor:
@@ -208,18 +252,25 @@ class MambaBlock(nn.Module):
         return out.view(b, height, wide, d)[:, :, :width].reshape(b, height * width, d)
 
     def _mix(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
-        """The block proper: x + out_proj(scan(...)).
+        """The block proper, x + out_proj(scan(...)), one sequence at a time (MIL's batch is one slide)."""
+        if x.shape[0] == 1:  # squeeze, not x[0]: a select's backward writes a whole zero tensor, then a copy
+            return self._mix_one(x.squeeze(0), shape).unsqueeze(0)
+        return torch.stack([self._mix_one(xb, shape) for xb in x])
 
-        The mixer runs channels first, (B, channels, L), the layout of the conv and the scan: the projections
-        are written as W @ x^T (the same products as the nn.Linear layers, whose weights they use), so no
-        activation is ever transposed into a copy; only out_proj reads the scan's output transposed.
+    def _mix_one(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+        """x (L, d_model) → x + out_proj(scan(...)).
+
+        The mixer runs channels first, (channels, L), the layout of the conv and the scan. The projections are
+        plain 2D products of the nn.Linear weights with (transposed) activations, W @ x^T: cuBLAS reads transposed
+        operands as they are, so no activation is copied into another layout (a batched 3D matmul would copy its
+        input or output: three copies per forward, more in the backward).
         """
-        xz = torch.matmul(self.in_proj.weight, self.norm(x).transpose(1, 2))  # (B, 2 d_inner, L)
-        u, z = xz.chunk(2, dim=1)
-        u = F.silu(self.conv(u, shape))
-        dt, B, C = torch.matmul(self.x_proj.weight, u).split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.matmul(self.dt_proj.weight, dt)
-        y = self._scan(u, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
-                       self.dt_proj.bias.float(), shape)
+        xz = self.in_proj.weight @ self.norm(x).t()  # (2 d_inner, L)
+        u, z = xz.chunk(2, dim=0)
+        u = F.silu(self.conv(u.unsqueeze(0), shape))  # (1, d_inner, L)
+        dt, B, C = (self.x_proj.weight @ u.squeeze(0)).split([self.dt_rank, self.d_state, self.d_state], dim=0)
+        delta = self.dt_proj.weight @ dt
+        y = self._scan(u, delta.unsqueeze(0), -torch.exp(self.A_log.float()), B.unsqueeze(0), C.unsqueeze(0),
+                       self.D.float(), z.unsqueeze(0), self.dt_proj.bias.float(), shape)
         # No cast of y to x's dtype: under autocast out_proj would cast it straight back; x + ... promotes.
-        return x + F.linear(y.transpose(1, 2), self.out_proj.weight)
+        return x + F.linear(y.squeeze(0).t(), self.out_proj.weight)

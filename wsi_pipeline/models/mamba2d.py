@@ -56,8 +56,9 @@ class Mamba2DMIL(nn.Module):
         if self.column_first:
             x = x.transpose(1, 2)
         x = self.norm(x.reshape(lattice.height * lattice.width, -1))
-        pooled, weights = self.pool(x, lattice.occupied if self.mask_padding else None)
-        return MILOutput(self.head(pooled), row_attention(weights, lattice))
+        pooled, weights = self.pool(x, lattice.score_bias if self.mask_padding else None)
+        weights = weights.detach()
+        return MILOutput(self.head(pooled), lambda: row_attention(weights, lattice))
 
 
 @register_model
