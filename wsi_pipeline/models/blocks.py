@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -122,25 +123,27 @@ def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | Non
 
     The lattice's sides are Python ints (the scan's shape): built from a grid on the host (the trainer passes
     it there) this costs no device synchronisation, and its tensors go to `device` in one copy that does not block.
+    Built with numpy: torch's per-op overhead on these host tensors cost 0.7 ms per call (200 x 200 lattice).
     """
-    rc = grid.long() - grid.long().min(dim=0).values
-    height, width = (v + 1 for v in rc.max(dim=0).values.tolist())  # a device sync only for a device grid
+    # (2, N): rows then columns, each contiguous (numpy reduces a column of an (N, 2) array 30x slower)
+    r, c = grid.detach().cpu().numpy().T.astype(np.int64)  # a device sync only for a device grid
+    r, c = r - r.min(), c - c.min()
+    height, width = int(r.max()) + 1, int(c.max()) + 1
     stride = 1
     while math.ceil(height / stride) * math.ceil(width / stride) > max_cells:
         stride += 1
-    rc = rc // stride
+    if stride > 1:
+        r, c = r // stride, c // stride
     height, width = math.ceil(height / stride), math.ceil(width / stride)
     if ops.aligned_width(height) * ops.aligned_width(width) <= max_cells:  # else the blocks widen their rows
         height, width = ops.aligned_width(height), ops.aligned_width(width)
-    cell = (rc[:, 0] * width + rc[:, 1]).int()
-    # index_add rather than bincount: bincount on CUDA reads max(cell) back to the host (one more sync per step)
-    count = torch.zeros(height * width, dtype=torch.int32, device=cell.device).index_add_(0, cell, torch.ones_like(cell))
-    merged = bool(count.max() > 1)  # a device sync only for a device grid
-    background = (count == 0).float()
-    score_bias = torch.zeros_like(background).masked_fill_(count == 0, float("-inf"))
-    device = cell.device if device is None else torch.device(device)
-    tensors = to_device_together([cell, count, background, score_bias], device)
-    return Lattice(*tensors, height, width, stride, merged)
+    cell = (r * width + c).astype(np.int32)
+    count = np.bincount(cell, minlength=height * width).astype(np.int32)
+    empty = count == 0
+    tensors = [torch.from_numpy(a) for a in (cell, count, empty.astype(np.float32),
+                                             np.where(empty, -np.inf, 0).astype(np.float32))]
+    tensors = to_device_together(tensors, grid.device if device is None else torch.device(device))
+    return Lattice(*tensors, height, width, stride, merged=bool(count.max() > 1))
 
 
 def place_on_lattice(h: torch.Tensor, lattice: Lattice, pad: torch.Tensor) -> torch.Tensor:
