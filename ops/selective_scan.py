@@ -115,12 +115,18 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 
 def aligned_width(width: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """The row width the kernels read at full speed: rows of more than 64 columns are read with 8- and 16-byte
-    loads and need a multiple of 16 bytes (8 columns of fp16/bf16, 4 of fp32; the default dtype's 8 suits all);
-    narrower rows are read one value per lane. `selective_scan_2d` widens other rows itself (with copies); a
-    caller that can build its grid at this width saves them (2DMambaMIL's block does)."""
-    per_16_bytes = 16 // torch.tensor([], dtype=dtype).element_size()
-    return width + (-width % per_16_bytes if width > 64 else 0)
+    """The row width the kernels read at full speed. A lane reads K = 1, 2, 4 or 8 consecutive columns (the
+    smallest K whose 32 lanes cover the row, 8 beyond 128 columns) with one 8- or 16-byte load when K values
+    fill one, which needs rows of a multiple of those bytes: for fp16/bf16, 4 columns from 65 to 128 and 8 above;
+    for fp32, 2 columns from 33 to 64 and 4 above; other rows are read one value at a time. `selective_scan_2d`
+    widens other rows itself (with copies); a caller that can build its grid at this width saves them
+    (2DMambaMIL's lattice and block do). The default dtype's rule suits the 16-bit kernels and is enough for
+    fp32's from 65 columns on."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    lane_cols = 1 if width <= 32 else 2 if width <= 64 else 4 if width <= 128 else 8  # ops/csrc cols_per_lane
+    load = lane_cols * size
+    multiple = min(load, 16) // size if load % 16 == 0 or load == 8 else 1  # ops/csrc ldg's wide loads
+    return width + (-width % multiple)
 
 
 def _widen(x: torch.Tensor, height: int, width: int, pad: int) -> torch.Tensor:

@@ -146,8 +146,9 @@ def test_forward_keeps_no_per_state_tensor():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("height,width", [(9, 203), (5, 130), (1, 1001)])
+@pytest.mark.parametrize("height,width", [(9, 203), (5, 130), (1, 1001), (7, 101), (6, 100), (3, 37)])
 def test_scan2d_rows_widened_to_16_bytes(height, width, dtype):
-    """Rows of > 64 columns that are not a multiple of 16 bytes run on a zero-widened grid (sliced back)."""
+    """Rows whose width does not suit the lanes' wide loads (`ops.aligned_width`) run on a zero-widened grid,
+    sliced back; 100 columns need none (4 per lane, 8-byte loads in 16-bit dtypes)."""
     x = make(1, 4, 8, height * width, dtype, options=True, seed=width)
     compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])

@@ -122,7 +122,8 @@ def test_right_padding_of_rows_is_exact():
     from ops.selective_scan import _widen
 
     assert ops.aligned_width(203) == 208 and ops.aligned_width(203, torch.float32) == 204
-    assert ops.aligned_width(200) == 200 and ops.aligned_width(37) == 37
+    assert ops.aligned_width(200) == 200 and ops.aligned_width(37) == 37 and ops.aligned_width(37, torch.float32) == 38
+    assert ops.aligned_width(101) == 104 and ops.aligned_width(100) == 100  # 4 columns of 8-byte loads up to 128
     height, width, pad = 3, 5, 3
     x = inputs(L=height * width, seed=7)
     x.update(D=torch.randn(4, dtype=F64), z=torch.randn(2, 4, height * width, dtype=F64),
