@@ -76,3 +76,16 @@ def test_env_forces_the_reference(monkeypatch):
     out = ops.selective_scan_2d(u, torch.rand(1, 2, 6), -torch.rand(2, 3), torch.randn(1, 3, 6),
                                 torch.randn(1, 3, 6), height=2, width=3)
     assert out.shape == (1, 2, 6)
+
+
+@pytest.mark.skipif(not _have_nvcc() and not NVCC_REQUIRED, reason="no CUDA toolkit (nvcc) on this machine")
+def test_kernel_ab_variant_builds_with_the_params_layout_of_its_mirror():
+    """scripts/kernel_ab.py compiles a variant of ops/csrc and loads it; its ctypes mirror of scan::Params has the
+    C++ struct's size (a field added to scan_params.h and not to the mirror fails here, not on the device)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import kernel_ab
+
+    lib_path = kernel_ab.build("test", ROOT / "ops" / "csrc", ["SCAN_AB_TEST=1"])
+    assert lib_path.exists()
+    lib = kernel_ab.load("test")
+    assert lib.ab_params_size() == kernel_ab.ctypes.sizeof(kernel_ab.Params)

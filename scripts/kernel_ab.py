@@ -1,0 +1,168 @@
+"""A/B timing of 2D-scan kernel variants, without torch's extension build.
+
+A variant is the bf16 launchers of an ops/csrc tree (this checkout's, or a copy with edits), optionally with -D
+flags, compiled by nvcc into a shared library with C entry points; `run` loads variants with ctypes, times their
+forward and backward kernels on the same inputs in interleaved rounds and checks each against the first.
+
+    python scripts/kernel_ab.py build NAME [--src DIR] [-D FLAG ...]     # -> build/kernel_ab/lib_NAME.so
+    python scripts/kernel_ab.py run NAME [NAME ...] [--shape B D N H W ...] [--reps 30] [--rounds 2]
+
+Builds need nvcc only (sm_90; a few seconds each, no GPU); runs need a GPU and no build there: carry
+build/kernel_ab to the device. The timings are the kernels alone (CUDA events, min over rounds of the median of
+`--reps` launches), inputs as in scripts/bench_scan.py (D, z, delta_bias, softplus on, one B/C group).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "build" / "kernel_ab"
+SHAPES = [(1, 256, 16, 200, 200), (1, 256, 16, 100, 100), (64, 384, 16, 14, 14), (64, 192, 16, 56, 56)]
+CAPI = """// C entry points to the bf16 scan launchers (scripts/kernel_ab.py).
+#include "scan_params.h"
+extern "C" {
+void ab_fwd(const scan::Params* p, cudaStream_t s) { scan::scan2d_fwd_bf16(*p, s); }
+void ab_bwd(const scan::Params* p, cudaStream_t s) { scan::scan2d_bwd_bf16(*p, s); }
+unsigned long ab_params_size() { return sizeof(scan::Params); }
+}
+"""
+_PTR = "u delta B C A delta_bias D z out ypre ckpt carry dout du ddelta dz dA dB dC dD dbias hbuf gbuf"
+OUTPUTS = ("out", "ypre", "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias")
+
+
+class Params(ctypes.Structure):
+    """ops/csrc/scan_params.h's scan::Params, field for field (checked against the library's sizeof)."""
+
+    _fields_ = ([(n, ctypes.c_int) for n in "batch dim dstate groups height width strip n_strips".split()]
+                + [("softplus", ctypes.c_bool), ("atomic_out", ctypes.c_bool)]
+                + [(n, ctypes.c_void_p) for n in _PTR.split()] + [("lane_carries", ctypes.c_bool)])
+
+
+def build(name: str, src: Path, defines: list[str]) -> Path:
+    from ops.build import cuda_home
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    capi = OUT / "capi.cu"
+    capi.write_text(CAPI)
+    lib = OUT / f"lib_{name}.so"
+    cmd = [str(cuda_home() / "bin" / "nvcc"), "-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+           "--expt-relaxed-constexpr", "-arch=sm_90", "-Xptxas=-warn-spills", "-Xcompiler", "-fPIC", "-shared",
+           f"-I{src}", *(f"-D{d}" for d in defines), str(capi), str(src / "scan2d_bf16.cu"), "-o", str(lib)]
+    subprocess.run(cmd, check=True)
+    return lib
+
+
+def load(name: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(OUT / f"lib_{name}.so"))
+    lib.ab_params_size.restype = ctypes.c_ulong
+    if lib.ab_params_size() != ctypes.sizeof(Params):
+        raise RuntimeError(f"lib_{name}.so: scan::Params is {lib.ab_params_size()} bytes, the ctypes mirror "
+                           f"{ctypes.sizeof(Params)}: update Params in {__file__}")
+    return lib
+
+
+def setup(batch: int, d: int, n: int, H: int, W: int):
+    """Inputs, outputs and scratch as the binding allocates them (scratch sized for any K), and their Params."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    L, bf = H * W, torch.bfloat16
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=g)
+
+    t = dict(u=randn(batch, d, L).to(bf), delta=(torch.rand(batch, d, L, device="cuda", generator=g) * 0.6 + 0.05).to(bf),
+             A=-torch.rand(d, n, device="cuda", generator=g) * 1.5 - 0.2, B=randn(batch, 1, n, L).to(bf),
+             C=randn(batch, 1, n, L).to(bf), D=randn(d), z=randn(batch, d, L).to(bf), delta_bias=randn(d) * 0.5 - 1.0,
+             dout=randn(batch, d, L).to(bf))
+    strip = min(8, H)
+    n_strips = (H + strip - 1) // strip
+
+    def rows(r: int) -> "torch.Tensor":
+        return torch.zeros(max(1, batch * d * n * r), device="cuda")
+
+    t.update(out=torch.empty_like(t["u"]), ypre=torch.empty(batch, d, L, device="cuda"), ckpt=rows((n_strips - 1) * W),
+             carry=rows(W), du=torch.empty_like(t["u"]), ddelta=torch.empty_like(t["u"]), dz=torch.empty_like(t["u"]),
+             dA=torch.zeros(d, n, device="cuda"), dB=torch.zeros(batch, 1, n, L, device="cuda"),
+             dC=torch.zeros(batch, 1, n, L, device="cuda"), dD=torch.zeros(d, device="cuda"),
+             dbias=torch.zeros(d, device="cuda"), hbuf=rows((strip - 1) * W), gbuf=rows(strip * ((W + 31) // 32)))
+    p = Params(batch=batch, dim=d, dstate=n, groups=1, height=H, width=W, strip=strip, n_strips=n_strips,
+               softplus=True, atomic_out=n > 16)
+    for key, value in t.items():
+        setattr(p, key, value.data_ptr())
+    return p, t
+
+
+def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
+    import torch
+
+    libs = {name: load(name) for name in names}
+
+    def stream() -> ctypes.c_void_p:
+        return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+    def outputs(lib, p, t) -> dict:
+        for key in ("dA", "dB", "dC", "dD", "dbias"):
+            t[key].zero_()
+        lib.ab_fwd(ctypes.byref(p), stream())
+        lib.ab_bwd(ctypes.byref(p), stream())
+        torch.cuda.synchronize()
+        return {key: t[key].float().clone() for key in OUTPUTS}
+
+    def median_ms(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    for shape in shapes:
+        p, t = setup(*shape)
+        first = outputs(libs[names[0]], p, t)
+        fwd = {name: [] for name in names}
+        bwd = {name: [] for name in names}
+        for _ in range(rounds):  # interleaved against drifts of the clock
+            for name, lib in libs.items():
+                fwd[name].append(median_ms(lambda: lib.ab_fwd(ctypes.byref(p), stream())))
+                bwd[name].append(median_ms(lambda: lib.ab_bwd(ctypes.byref(p), stream())))
+        for name, lib in libs.items():
+            got = outputs(lib, p, t)
+            err = max(((got[k] - first[k]).abs().max() / first[k].abs().max().clamp(min=1e-30)).item() for k in OUTPUTS)
+            f, b = min(fwd[name]), min(bwd[name])
+            print(f"{'x'.join(map(str, shape)):>16} {name:>12}: fwd {f:6.3f}  bwd {b:6.3f}  sum {f + b:6.3f} ms  "
+                  f"max rel. difference to {names[0]} {err:.1e}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile a variant")
+    b.add_argument("name")
+    b.add_argument("--src", type=Path, default=ROOT / "ops" / "csrc", help="an ops/csrc tree (default: this one)")
+    b.add_argument("-D", dest="defines", action="append", default=[], help="a preprocessor definition")
+    r = sub.add_parser("run", help="time variants (GPU)")
+    r.add_argument("names", nargs="+")
+    r.add_argument("--shape", type=int, nargs=5, action="append", metavar=("B", "D", "N", "H", "W"))
+    r.add_argument("--reps", type=int, default=30)
+    r.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.cmd == "build":
+        print(build(args.name, args.src.resolve(), args.defines))
+    else:
+        run(args.names, [tuple(s) for s in args.shape] if args.shape else SHAPES, args.reps, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
