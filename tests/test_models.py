@@ -87,6 +87,11 @@ def test_lattice_is_widened_with_background_to_aligned_sides():
     assert (build_lattice(grid, max_cells=3 * 71).width, build_lattice(grid, max_cells=3 * 71).stride) == (70, 1)
 
 
+def test_empty_grid_is_a_clear_error():
+    with pytest.raises(ValueError, match="without patches"):
+        build_lattice(torch.zeros(0, 2, dtype=torch.long), max_cells=1000)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lattice_reaches_the_device_in_one_copy_unchanged():
     grid = torch.from_numpy(tissue_cells(90, 75, 3000, np.random.default_rng(0)))

@@ -118,13 +118,15 @@ def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | Non
     """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at most
     `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged); widen it with
     background on the right and at the bottom to sides the scan kernels read at full speed (`ops.aligned_width`:
-    a multiple of 8 cells above 64) when that stays within `max_cells`. The added cells are padding like any
+    a multiple of 4 cells from 65 to 128, of 8 above) when that stays within `max_cells`. The added cells are padding like any
     other background cell, and the Mamba blocks then need no widening of their own (a copy each way).
 
     The lattice's sides are Python ints (the scan's shape): built from a grid on the host (the trainer passes
     it there) this costs no device synchronisation, and its tensors go to `device` in one copy that does not block.
     Built with numpy: torch's per-op overhead on these host tensors cost 0.7 ms per call (200 x 200 lattice).
     """
+    if len(grid) == 0:
+        raise ValueError("a slide without patches (an empty grid) has no lattice")
     # (2, N): rows then columns, each contiguous (numpy reduces a column of an (N, 2) array 30x slower)
     r, c = grid.detach().cpu().numpy().T.astype(np.int64)  # a device sync only for a device grid
     r, c = r - r.min(), c - c.min()
