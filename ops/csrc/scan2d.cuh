@@ -367,7 +367,7 @@ __device__ __forceinline__ void stg(float* dst, int valid, bool vec, const float
 
 // K values of a row of T read one step ahead into registers (one 16-byte load), converted when used: the load's
 // latency then passes behind a step's work (v13). Lanes the wide load does not suit (a partial last group) read at
-// use. On for 8 columns of 16-bit values (the backward at rows over 128 columns: 1.94 -> 1.82 ms at 200x200 bf16);
+// use. On for 8 columns of 16-bit values (the backward at rows over 128 columns: 1.94 -> 1.80 ms at 200x200 bf16);
 // where it is off, get() is the plain load at the same place.
 template <typename T, int K>
 struct Ahead {
@@ -452,13 +452,13 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
 #pragma unroll
   for (int k = 0; k < K; ++k) hv[k] = 0.f;
   float gc = 0.f;  // horizontal carry between the tiles of a row
-  float unused[P];
+  float no_sums[P];  // the forward's staging sums nothing (the backward's sums dy u for dD)
   auto stage = [&](int s0) {
     stage_window<T, K, P, Staged::kForward>(p, ch, sm, s0, [&](int s, int& i, int& t) {
       const int2 it = split_step(s, nt);
       i = s < steps ? it.x : -1;
       t = it.y;
-    }, unused);
+    }, no_sums);
   };
   auto drain = [&](int s0, int count) {
     drain_window<K, P, 4>(s0, count, W, [&](int s) { return split_step(s, nt); },
