@@ -794,7 +794,7 @@ void launch_one(const Params& p, cudaStream_t stream) {
   if constexpr (kFwd) {
     launch(scan2d_fwd_kernel<T, K, P>, p, Smem<K, n_staged<Staged::kForward>(), 1>::bytes(), stream, P);
   } else {
-    // the lanes' horizontal carries of a strip in shared memory when they fit (rows of up to ~4 tiles)
+    // the lanes' horizontal carries of a strip in shared memory when they fit (at K = 8: rows of up to 2 tiles)
     Params q = p;
     const int nt = (p.width + 32 * K / P - 1) / (32 * K / P);
     const size_t carries = sizeof(float) * kWarpsPerBlock * kStrip * nt * 32;
