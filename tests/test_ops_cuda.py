@@ -146,6 +146,15 @@ def test_forward_keeps_no_per_state_tensor():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("height,width", [(11, 300), (11, 600)])
+def test_scan2d_rows_of_several_tiles(height, width, dtype):
+    """Rows of 2 tiles keep the lanes' horizontal carries in shared memory; rows of 3 (at 16 warps and K = 8) do
+    not fit and rescan: both against the reference, over strips (11 rows)."""
+    x = make(1, 4, 16, height * width, dtype, options=True, seed=width)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("height,width", [(9, 203), (5, 130), (1, 1001), (7, 101), (6, 100), (3, 37)])
 def test_scan2d_rows_widened_to_16_bytes(height, width, dtype):
     """Rows whose width does not suit the lanes' wide loads (`ops.aligned_width`) run on a zero-widened grid,
