@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_scan
 OUT = ROOT / "build" / "kernel_ab"
 SHAPES = [(1, 256, 16, 200, 200), (1, 256, 16, 100, 100), (64, 384, 16, 14, 14), (64, 192, 16, 56, 56)]
 CAPI = """// C entry points to the bf16 scan launchers (scripts/kernel_ab.py).
@@ -71,16 +72,13 @@ def setup(batch: int, d: int, n: int, H: int, W: int):
     """Inputs, outputs and scratch as the binding allocates them (scratch sized for any K), and their Params."""
     import torch
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    L, bf = H * W, torch.bfloat16
+    from bench_scan import make
 
-    def randn(*shape):
-        return torch.randn(*shape, device="cuda", generator=g)
-
-    t = dict(u=randn(batch, d, L).to(bf), delta=(torch.rand(batch, d, L, device="cuda", generator=g) * 0.6 + 0.05).to(bf),
-             A=-torch.rand(d, n, device="cuda", generator=g) * 1.5 - 0.2, B=randn(batch, 1, n, L).to(bf),
-             C=randn(batch, 1, n, L).to(bf), D=randn(d), z=randn(batch, d, L).to(bf), delta_bias=randn(d) * 0.5 - 1.0,
-             dout=randn(batch, d, L).to(bf))
+    torch.manual_seed(0)
+    L = H * W
+    t = {k: v.detach() for k, v in make(batch, d, n, L, torch.bfloat16).items()}
+    t.update(B=t["B"].unsqueeze(1).contiguous(), C=t["C"].unsqueeze(1).contiguous(),  # one B/C group
+             dout=torch.randn(batch, d, L, device="cuda").to(torch.bfloat16))
     strip = min(8, H)
     n_strips = (H + strip - 1) // strip
 
