@@ -8,7 +8,8 @@ Every model is built from its configs/model/<name>.yaml (the trainer's defaults)
 one process, bf16 autocast on CUDA as in the trainer. The features sit on the device already (the step only);
 the grid stays on the host, as the trainer passes it. The models' steps run in interleaved rounds: the steps
 are bound by the host issuing kernels, and the host's speed drifts between runs.
-Prints one line per model and, with --json, writes the numbers.
+Prints one line per model (median and min ms per step; host: ms until the host had issued the step, a step
+whose host time is near its total is bound by the host) and, with --json, writes the numbers.
 """
 from __future__ import annotations
 
@@ -58,15 +59,16 @@ def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor, amp: bool) -> 
     return step
 
 
-def timed_steps(step: Callable[[], None], n: int, cuda: bool) -> list[float]:
-    """ms of each of n steps, each waited for."""
+def timed_steps(step: Callable[[], None], n: int, cuda: bool) -> list[tuple[float, float]]:
+    """(ms of each of n steps, each waited for; ms until the host had issued it all), per step."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
         step()
+        issued = time.perf_counter()
         if cuda:
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(((time.perf_counter() - start) * 1e3, (issued - start) * 1e3))
     return times
 
 
@@ -86,12 +88,15 @@ def bench_models(names: list[str], feats: torch.Tensor, grid: torch.Tensor, step
     for r in range(rounds):
         for name in names:
             times[name] += timed_steps(models[name], steps // rounds + (r < steps % rounds), cuda)
-    return [{"model": name, "ms_per_step": statistics.median(times[name]), "ms_min": min(times[name]),
+    return [{"model": name, "ms_per_step": statistics.median(t for t, _ in times[name]),
+             "ms_min": min(t for t, _ in times[name]), "host_ms": statistics.median(h for _, h in times[name]),
              "peak_mib": peaks[name]} for name in names]
 
 
-def profile_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, amp: bool, rows: int) -> str:
-    """torch.profiler tables for `steps` steps after a warm-up: top ops by self device time, then by CPU total."""
+def profile_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, amp: bool, rows: int,
+                  trace: Path | None = None) -> str:
+    """torch.profiler tables for `steps` steps after a warm-up: top ops by self device time, then by CPU total;
+    with `trace`, also the Chrome trace (host ops and device kernels on one timeline) as trace/<name>.json."""
     from torch.profiler import ProfilerActivity, profile
 
     step = make_step(name, feats, grid, amp)
@@ -106,6 +111,9 @@ def profile_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int
             step()
         if cuda:
             torch.cuda.synchronize()
+    if trace is not None:
+        trace.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace / f"{name}.json"))
     events = prof.key_averages()
     tables = [f"== {name}: {steps} steps, sorted by self {'CUDA' if cuda else 'CPU'} time"]
     tables.append(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows))
@@ -130,6 +138,7 @@ def main() -> None:
                         help="after the bench, print torch.profiler tables (self CUDA time, CPU total) per model")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--trace", type=Path, help="with --profile, write each model's Chrome trace into this folder")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -143,11 +152,11 @@ def main() -> None:
     base = next((r["ms_per_step"] for r in results if r["model"] == "abmil"), None)
     for r in results:
         ratio = f"{r['ms_per_step'] / base:5.2f}x ABMIL" if base else ""
-        print(f"{r['model']:>16}: {r['ms_per_step']:9.2f} ms/step (min {r['ms_min']:.2f})  "
+        print(f"{r['model']:>16}: {r['ms_per_step']:9.2f} ms/step (min {r['ms_min']:.2f}, host {r['host_ms']:.2f})  "
               f"peak {r['peak_mib']:8.1f} MiB  {ratio}")
     if args.profile:
         for name in args.models.split(","):
-            print(profile_model(name, feats, grid, args.profile_steps, not args.no_amp, args.profile_rows))
+            print(profile_model(name, feats, grid, args.profile_steps, not args.no_amp, args.profile_rows, args.trace))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "device": device_name,
                                          "results": results}, indent=2))
