@@ -16,7 +16,7 @@ from pathlib import Path
 
 LOG = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ["scan_bind.cpp", "scan2d_f32.cu", "scan2d_f16.cu", "scan2d_bf16.cu", "m2d.cu"]
+SOURCES = ["scan_bind.cpp", "scan2d_f32.cu", "scan2d_f16.cu", "scan2d_bf16.cu", "m2d.cu", "lattice_conv.cu"]
 NAME = "wsi_pipeline_scan"
 
 

@@ -131,3 +131,11 @@ def wavefront_scan_m2d_ref(u, delta_h, delta_v, A_h, A_v, B_h, B_v, C, D=None, z
     y = torch.empty_like(uw)
     y[..., order] = torch.cat(ys, -1)
     return _output(uw, y, D, z, out_dtype)
+
+
+def lattice_conv_silu_ref(x, weight, bias=None, *, height: int, width: int):
+    """silu(depthwise conv2d of x (..., C, height * width) on its lattice, weight (C, 1, k, k), bias (C,), zero
+    padding k // 2): Mamba's conv and activation on a 2D lattice (2DMambaMIL)."""
+    channels, k = x.shape[-2], weight.shape[-1]
+    out = F.conv2d(x.reshape(-1, channels, height, width), weight, bias, padding=k // 2, groups=channels)
+    return F.silu(out).reshape(x.shape)

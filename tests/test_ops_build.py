@@ -38,7 +38,7 @@ def test_cuda_sources_compile_and_load():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"})
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "'m2d_bwd', 'm2d_fwd', 'scan2d_bwd', 'scan2d_fwd'" in out.stdout
+    assert "'lattice_conv_bwd', 'lattice_conv_fwd', 'm2d_bwd', 'm2d_fwd', 'scan2d_bwd', 'scan2d_fwd'" in out.stdout
 
 
 @pytest.mark.skipif(not _have_nvcc() and not NVCC_REQUIRED, reason="no CUDA toolkit (nvcc) on this machine")

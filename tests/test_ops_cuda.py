@@ -161,3 +161,40 @@ def test_scan2d_rows_widened_to_16_bytes(height, width, dtype):
     sliced back; 100 columns need none (4 per lane, 8-byte loads in 16-bit dtypes)."""
     x = make(1, 4, 8, height * width, dtype, options=True, seed=width)
     compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
+
+
+CONV_SHAPES = [(1, 1), (1, 37), (37, 1), (13, 29), (17, 70), (200, 200)]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("height,width", CONV_SHAPES, ids=[f"{h}x{w}" for h, w in CONV_SHAPES])
+def test_lattice_conv_silu_matches_reference(height, width, dtype, k):
+    """The lattice conv + SiLU kernels (forward, and backward with the conv recomputed) against the reference in
+    float64: output, x, weight and bias gradients; batch 2 over 3 channels, so a channel's weight row repeats."""
+    g = torch.Generator(device="cuda").manual_seed(height * 31 + width + k)
+    x = torch.randn(2, 3, height * width, generator=g, device="cuda").to(dtype)
+    weight = torch.randn(3, 1, k, k, generator=g, device="cuda") / k
+    bias = torch.randn(3, generator=g, device="cuda")
+    for b in (bias, None):
+        mine = [t.detach().clone().requires_grad_() for t in (x, weight)] + (
+            [] if b is None else [b.detach().clone().requires_grad_()])
+        ref = [t.detach().double().requires_grad_() for t in mine]
+        out = ops.lattice_conv_silu(*mine, *([None] if b is None else []), height=height, width=width)
+        expected = ops.lattice_conv_silu_ref(*ref, *([None] if b is None else []), height=height, width=width)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert rel_err(out, expected) < TOL[dtype], f"output: {rel_err(out, expected):.2e}"
+        dout = torch.randn(expected.shape, generator=g, device="cuda", dtype=torch.float64)
+        out.backward(dout.to(dtype))
+        expected.backward(dout)
+        for name, got, want in zip(("x", "weight", "bias"), mine, ref):
+            assert got.grad.dtype == got.dtype and got.grad.shape == got.shape, name
+            assert rel_err(got.grad, want.grad) < TOL[dtype], f"d{name}: {rel_err(got.grad, want.grad):.2e}"
+
+
+def test_lattice_conv_silu_falls_back_for_sizes_without_a_kernel():
+    """Even or large kernel sizes, and float64, take the reference (same result as the reference itself)."""
+    x = torch.randn(1, 2, 30, device="cuda")
+    for weight in (torch.randn(2, 1, 9, 9, device="cuda"), torch.randn(2, 1, 3, 3, device="cuda").double()):
+        got = ops.lattice_conv_silu(x.to(weight.dtype), weight, None, height=5, width=6)
+        torch.testing.assert_close(got, ops.lattice_conv_silu_ref(x.to(weight.dtype), weight, None, height=5, width=6))

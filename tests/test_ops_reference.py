@@ -140,3 +140,14 @@ def test_right_padding_of_rows_is_exact():
     sliced.backward(dout)
     for k in x:
         torch.testing.assert_close(wide[k].grad, leaves[k].grad, msg=k)
+
+
+def test_lattice_conv_silu_reference_is_a_depthwise_conv_with_same_padding_then_silu():
+    """A 3x3 all-ones kernel without bias sums each cell's 3x3 neighbourhood (zeros beyond the border)."""
+    x = torch.arange(12, dtype=torch.float64).reshape(1, 1, 12)
+    got = ops.lattice_conv_silu_ref(x, torch.ones(1, 1, 3, 3, dtype=torch.float64), None, height=3, width=4)
+    grid = torch.nn.functional.pad(x.reshape(3, 4), (1, 1, 1, 1))
+    sums = torch.stack([grid[i:i + 3, j:j + 3].sum() for i in range(3) for j in range(4)])
+    torch.testing.assert_close(got.reshape(-1), torch.nn.functional.silu(sums))
+    with pytest.raises(ValueError, match="does not match"):
+        ops.lattice_conv_silu(x, torch.ones(1, 1, 3, 3, dtype=torch.float64), height=3, width=5)

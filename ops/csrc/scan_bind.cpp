@@ -1,10 +1,12 @@
-// Python binding of the scan kernels: checks the tensors, allocates outputs and scratch, picks the dtype.
+// Python binding of the scan kernels and of the lattice conv: checks the tensors, allocates outputs and scratch,
+// picks the dtype.
 // The kernels compute the recurrences, their sums over states and channels, and the elementwise ends (D u, the
 // silu(z) gate, the softplus derivative, dD, d delta_bias): ops/selective_scan.py only adapts dtypes and shapes.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include "lattice_conv_params.h"
 #include "m2d_params.h"
 #include "scan_params.h"
 
@@ -249,9 +251,69 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta_h, torc
 
 }  // namespace m2d
 
+namespace latconv {
+namespace {
+
+// x (..., C, height * width) contiguous in a kernel dtype; w (C, 1, k, k), b (C) fp32 contiguous.
+Params params_of(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
+                 int64_t height, int64_t width) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() >= 2, "lattice_conv_silu: x must be a contiguous CUDA "
+              "tensor (..., C, L), got ", x.sizes());
+  TORCH_CHECK(height >= 1 && width >= 1 && height * width == x.size(-1), "lattice_conv_silu: height*width = ",
+              height, "*", width, " must equal L = ", x.size(-1));
+  TORCH_CHECK(w.is_cuda() && w.is_contiguous() && w.scalar_type() == at::kFloat && w.dim() == 4 &&
+              w.size(0) == x.size(-2) && w.size(1) == 1 && w.size(2) == w.size(3) && supported(w.size(2)),
+              "lattice_conv_silu: weight must be fp32 (C, 1, k, k) with k in 1, 3, 5, 7, got ", w.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "lattice_conv_silu: dtype ", dtype);
+  Params p{};
+  p.channels = x.numel() / x.size(-1), p.dim = x.size(-2), p.height = height, p.width = width, p.kernel = w.size(2);
+  p.dtype = dtype == at::kFloat ? DType::kF32 : dtype == at::kHalf ? DType::kF16 : DType::kBF16;
+  p.x = x.data_ptr(), p.w = w.data_ptr<float>();
+  if (b) {
+    TORCH_CHECK(b->is_cuda() && b->is_contiguous() && b->scalar_type() == at::kFloat && b->numel() == p.dim,
+                "lattice_conv_silu: bias must be fp32 (C,)");
+    p.b = b->data_ptr<float>();
+  }
+  return p;
+}
+
+}  // namespace
+
+torch::Tensor conv_fwd(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> b, int64_t height,
+                       int64_t width) {
+  Params p = params_of(x, w, b, height, width);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty_like(x);
+  p.out = out.data_ptr();
+  forward(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// (gx, gw, gb); gb is empty without a bias.
+std::vector<torch::Tensor> conv_bwd(torch::Tensor gu, torch::Tensor x, torch::Tensor w,
+                                    c10::optional<torch::Tensor> b, int64_t height, int64_t width) {
+  Params p = params_of(x, w, b, height, width);
+  TORCH_CHECK(gu.sizes() == x.sizes() && gu.scalar_type() == x.scalar_type() && gu.is_contiguous(),
+              "lattice_conv_silu: the output gradient must be contiguous, of x's shape and dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto gx = torch::empty_like(x);
+  auto sums = torch::zeros({w.numel() + (b ? p.dim : 0)}, w.options());  // one zero-fill for gw and gb
+  p.gu = gu.data_ptr(), p.gx = gx.data_ptr(), p.gw = sums.data_ptr<float>();
+  p.gb = b ? p.gw + w.numel() : nullptr;
+  backward(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gx, sums.narrow(0, 0, w.numel()).view(w.sizes()), sums.narrow(0, w.numel(), b ? p.dim : 0)};
+}
+
+}  // namespace latconv
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan2d_fwd", &scan2d_fwd, "2D selective scan, forward (out, ypre when z is given, strip checkpoints)");
   m.def("scan2d_bwd", &scan2d_bwd, "2D selective scan, backward (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)");
   m.def("m2d_fwd", &m2d::forward, "Mamba2D wavefront scan, forward");
   m.def("m2d_bwd", &m2d::backward, "Mamba2D wavefront scan, backward");
+  m.def("lattice_conv_fwd", &latconv::conv_fwd, "depthwise conv on a lattice + SiLU, forward");
+  m.def("lattice_conv_bwd", &latconv::conv_bwd, "depthwise conv on a lattice + SiLU, backward (gx, gw, gb)");
 }

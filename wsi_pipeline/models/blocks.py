@@ -178,27 +178,27 @@ def raster_order(grid: torch.Tensor, column_major: bool = False) -> torch.Tensor
 
 
 class CausalConv1d(nn.Module):
-    """Mamba's depthwise causal conv over the sequence (kernel k, left padding k - 1)."""
+    """Mamba's depthwise causal conv over the sequence (kernel k, left padding k - 1), then SiLU."""
 
     def __init__(self, channels: int, kernel: int):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel, padding=kernel - 1, groups=channels)
 
     def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, C, L), channels first
-        return self.conv(u)[..., : u.shape[-1]]
+        return F.silu(self.conv(u)[..., : u.shape[-1]])
 
 
 class LatticeConv2d(nn.Module):
-    """Depthwise k x k conv on the lattice (zero padding at the border): the 2D analogue of Mamba's conv,
-    so a cell sees its 2D neighbours rather than its raster neighbours."""
+    """Depthwise k x k conv on the lattice (zero padding at the border), then SiLU: the 2D analogue of Mamba's
+    conv, so a cell sees its 2D neighbours rather than its raster neighbours. `ops.lattice_conv_silu`: one CUDA
+    kernel each way on the GPU (PyTorch's depthwise conv and SiLU take five)."""
 
     def __init__(self, channels: int, kernel: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
 
     def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, C, L), channels first
-        b, c, _ = u.shape
-        return self.conv(u.reshape(b, c, *shape)).reshape(b, c, -1)  # views both ways: no layout copies
+        return ops.lattice_conv_silu(u, self.conv.weight, self.conv.bias, height=shape[0], width=shape[1])
 
 
 def _scan_1d(u, delta, A, B, C, D, z, delta_bias, shape):
@@ -213,7 +213,8 @@ SCAN_KINDS = {"1d": (CausalConv1d, _scan_1d), "2d": (LatticeConv2d, _scan_2d)}
 
 
 class MambaBlock(nn.Module):
-    """x + out_proj(scan(SiLU(conv(in_x)), z gating)) after RMSNorm; Mamba's parametrisation and init."""
+    """x + out_proj(scan(SiLU(conv(in_x)), z gating)) after RMSNorm; Mamba's parametrisation and init. The conv
+    modules apply the SiLU (the lattice conv fuses it into its kernels)."""
 
     def __init__(self, d_model: int, scan: str = "2d", d_state: int = 16, expand: int = 2, d_conv: int = 3,
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1):
@@ -272,7 +273,7 @@ class MambaBlock(nn.Module):
         """
         xz = self.in_proj.weight @ self.norm(x).t()  # (2 d_inner, L)
         u, z = xz.chunk(2, dim=0)
-        u = F.silu(self.conv(u.unsqueeze(0), shape))  # (1, d_inner, L)
+        u = self.conv(u.unsqueeze(0), shape)  # SiLU(conv(u)), (1, d_inner, L)
         dt, B, C = (self.x_proj.weight @ u.squeeze(0)).split([self.dt_rank, self.d_state, self.d_state], dim=0)
         delta = self.dt_proj.weight @ dt
         y = self._scan(u, delta.unsqueeze(0), -torch.exp(self.A_log.float()), B.unsqueeze(0), C.unsqueeze(0),
