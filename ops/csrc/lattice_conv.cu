@@ -34,13 +34,21 @@ __device__ __forceinline__ Tile tile_of(const Params& p) {
   return {static_cast<int>(blockIdx.x / tiles), (t / tiles_w) * kTH, (t % tiles_w) * kTW};
 }
 
-// rows x cols of channel `base`'s lattice from (i0, j0) into shared memory, zeros outside the lattice
-template <typename T>
-__device__ __forceinline__ void stage(float* dst, int rows, int cols, const T* src, long base, int i0, int j0,
-                                      int H, int W) {
-  for (int t = threadIdx.x; t < rows * cols; t += kThreads) {
-    const int i = i0 + t / cols, j = j0 + t % cols;
-    dst[t] = (i >= 0 && i < H && j >= 0 && j < W) ? load(src, base + static_cast<long>(i) * W + j) : 0.f;
+// ROWS x COLS of channel `base`'s lattice from (i0, j0) into shared memory, zeros outside the lattice. Unrolled
+// (compile-time sizes), so a thread's loads are all in flight before the first is used.
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void stage(float* dst, const T* src, long base, int i0, int j0, int H, int W) {
+  float v[(ROWS * COLS + kThreads - 1) / kThreads];
+#pragma unroll
+  for (int r = 0; r < (ROWS * COLS + kThreads - 1) / kThreads; ++r) {
+    const int t = threadIdx.x + r * kThreads, i = i0 + t / COLS, j = j0 + t % COLS;
+    v[r] = (t < ROWS * COLS && i >= 0 && i < H && j >= 0 && j < W) ? load(src, base + static_cast<long>(i) * W + j)
+                                                                   : 0.f;
+  }
+#pragma unroll
+  for (int r = 0; r < (ROWS * COLS + kThreads - 1) / kThreads; ++r) {
+    const int t = threadIdx.x + r * kThreads;
+    if (t < ROWS * COLS) dst[t] = v[r];
   }
 }
 
@@ -51,12 +59,13 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
   const Tile tile = tile_of(p);
   const int c = tile.channel % p.dim;
   const long base = static_cast<long>(tile.channel) * p.height * p.width;
-  stage(xs, kTH + 2 * R, SW, static_cast<const T*>(p.x), base, tile.i0 - R, tile.j0 - R, p.height, p.width);
   float w[K * K];
 #pragma unroll
   for (int q = 0; q < K * K; ++q) w[q] = p.w[c * K * K + q];
   const float bias = p.b ? p.b[c] : 0.f;
+  stage<kTH + 2 * R, SW>(xs, static_cast<const T*>(p.x), base, tile.i0 - R, tile.j0 - R, p.height, p.width);
   __syncthreads();
+#pragma unroll
   for (int t = threadIdx.x; t < kTH * kTW; t += kThreads) {
     const int ti = t / kTW, tj = t % kTW, i = tile.i0 + ti, j = tile.j0 + tj;
     if (i >= p.height || j >= p.width) continue;
@@ -78,29 +87,35 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(Params p) {
   const Tile tile = tile_of(p);
   const int c = tile.channel % p.dim, H = p.height, W = p.width;
   const long base = static_cast<long>(tile.channel) * H * W;
-  stage(xs, kTH + 4 * R, XW, static_cast<const T*>(p.x), base, tile.i0 - 2 * R, tile.j0 - 2 * R, H, W);
   float w[K * K];
 #pragma unroll
   for (int q = 0; q < K * K; ++q) w[q] = p.w[c * K * K + q];
   const float bias = p.b ? p.b[c] : 0.f;
-  __syncthreads();
+  constexpr int kG = (GH * GW + kThreads - 1) / kThreads;  // cells of the gradient region per thread
   const T* gu = static_cast<const T*>(p.gu);
-  for (int t = threadIdx.x; t < GH * GW; t += kThreads) {
-    const int gi = t / GW, gj = t % GW, i = tile.i0 - R + gi, j = tile.j0 - R + gj;
-    float g = 0.f;
-    if (i >= 0 && i < H && j >= 0 && j < W) {
-      float acc = bias;
+  float gv[kG];  // gu around the tile, loaded first: its loads and x's are in flight together
 #pragma unroll
-      for (int di = 0; di < K; ++di)
+  for (int r = 0; r < kG; ++r) {
+    const int t = threadIdx.x + r * kThreads, i = tile.i0 - R + t / GW, j = tile.j0 - R + t % GW;
+    gv[r] = (t < GH * GW && i >= 0 && i < H && j >= 0 && j < W) ? load(gu, base + static_cast<long>(i) * W + j) : 0.f;
+  }
+  stage<kTH + 4 * R, XW>(xs, static_cast<const T*>(p.x), base, tile.i0 - 2 * R, tile.j0 - 2 * R, H, W);
+  __syncthreads();
 #pragma unroll
-        for (int dj = 0; dj < K; ++dj) acc += w[di * K + dj] * xs[(gi + di) * XW + gj + dj];
-      const float s = sigmoid(acc);
-      g = load(gu, base + static_cast<long>(i) * W + j) * s * (1.f + acc * (1.f - s));
-    }
-    gs[t] = g;
+  for (int r = 0; r < kG; ++r) {
+    const int t = threadIdx.x + r * kThreads, gi = t / GW, gj = t % GW;
+    if (t >= GH * GW) break;
+    float acc = bias;
+#pragma unroll
+    for (int di = 0; di < K; ++di)
+#pragma unroll
+      for (int dj = 0; dj < K; ++dj) acc += w[di * K + dj] * xs[(gi + di) * XW + gj + dj];
+    const float s = sigmoid(acc);
+    gs[t] = gv[r] * s * (1.f + acc * (1.f - s));  // gv is zero outside the lattice
   }
   __syncthreads();
   float gw[K * K + 1] = {};  // the weight gradients, then the bias gradient
+#pragma unroll
   for (int t = threadIdx.x; t < kTH * kTW; t += kThreads) {
     const int ti = t / kTW, tj = t % kTW, i = tile.i0 + ti, j = tile.j0 + tj;
     if (i >= H || j >= W) continue;
