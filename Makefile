@@ -51,9 +51,11 @@ bench-preprocess: setup
 build-ops: setup
 	$(PY) -c "from ops import build; build.main()"
 
-# Forward and forward+backward times of the 2D scan next to the 1D scan and the reference (needs a GPU).
+# Forward and forward+backward times of the 2D scan next to the 1D scan and the reference, and of the lattice
+# conv + SiLU kernels next to PyTorch's (needs a GPU).
 bench-ops: build-ops
 	$(PY) scripts/bench_scan.py --out bench_out/scan.json $(ARGS)
+	$(PY) scripts/bench_conv.py
 
 # Feature-extraction throughput (reader-only, model-only, end-to-end) on a generated 40x JPEG slide cached
 # in bench_out/. CPU-sized by default; on a GPU machine: make bench-extract ARGS="--size 61440 --copies 8 --encoder uni --random-weights"
