@@ -28,10 +28,11 @@ struct Tile {
   int channel, i0, j0;  // the tile's first cell
 };
 
+// Block b takes channel b mod channels: the blocks in flight at a time cover many channels, so the backward's
+// atomics (one per weight and block) rarely meet on the same address.
 __device__ __forceinline__ Tile tile_of(const Params& p) {
-  const int tiles_w = (p.width + kTW - 1) / kTW, tiles = tiles_w * ((p.height + kTH - 1) / kTH);
-  const int t = blockIdx.x % tiles;
-  return {static_cast<int>(blockIdx.x / tiles), (t / tiles_w) * kTH, (t % tiles_w) * kTW};
+  const int tiles_w = (p.width + kTW - 1) / kTW, t = blockIdx.x / p.channels;
+  return {static_cast<int>(blockIdx.x % p.channels), (t / tiles_w) * kTH, (t % tiles_w) * kTW};
 }
 
 // ROWS x COLS of channel `base`'s lattice from (i0, j0) into shared memory, zeros outside the lattice. Unrolled
