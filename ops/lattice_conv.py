@@ -11,7 +11,7 @@ import torch
 from .reference import lattice_conv_silu_ref
 from .selective_scan import _use_kernel, extension
 
-KERNEL_SIZES = (1, 3, 5, 7)
+KERNEL_SIZES = (1, 3, 5, 7)  # the kernels' templates (ops/csrc/lattice_conv.cu, `supported`)
 
 
 class _LatticeConvSilu(torch.autograd.Function):

@@ -34,14 +34,12 @@ def main() -> None:
         x = dict(x=torch.randn(1, args.channels, H * W, device="cuda", dtype=dtype, requires_grad=True),
                  weight=torch.randn(args.channels, 1, args.kernel, args.kernel, device="cuda", requires_grad=True),
                  bias=torch.randn(args.channels, device="cuda", requires_grad=True))
-        times = {}
-        for name, fn in (("kernels", ops.lattice_conv_silu), ("pytorch", ops.lattice_conv_silu_ref)):
-            def call(fn=fn, **k):
-                # PyTorch's conv takes the weights in the input's dtype, as autocast would cast them
-                if fn is ops.lattice_conv_silu_ref:
-                    k = {**k, "weight": k["weight"].to(dtype), "bias": k["bias"].to(dtype)}
-                return fn(**k, height=H, width=W)
-            times[name] = bench_one(call, x, args.reps)
+        impls = {  # PyTorch's conv takes the weights in the input's dtype, as autocast would cast them
+            "kernels": lambda x, weight, bias: ops.lattice_conv_silu(x, weight, bias, height=H, width=W),
+            "pytorch": lambda x, weight, bias: ops.lattice_conv_silu_ref(x, weight.to(x.dtype), bias.to(x.dtype),
+                                                                         height=H, width=W),
+        }
+        times = {name: bench_one(fn, x, args.reps) for name, fn in impls.items()}
         (kf, kb, km), (pf, pb, pm) = times["kernels"], times["pytorch"]
         print(f"{str(dtype):>15}: kernels fwd {kf:.3f} fwd+bwd {kb:.3f} ({km:.0f} MiB) | pytorch fwd {pf:.3f} "
               f"fwd+bwd {pb:.3f} ({pm:.0f} MiB) | fwd+bwd {pb / kb:.1f}x faster")

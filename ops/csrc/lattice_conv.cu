@@ -6,9 +6,7 @@
 // atomic per value and block. PyTorch runs these as three kernels plus two for SiLU: at 256 channels x 200x200
 // (2DMambaMIL's block on a slide) 0.53 ms forward+backward in bf16 on the H200, against 0.22 ms here
 // (scripts/bench_conv.py).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "convert.cuh"
 #include "lattice_conv_params.h"
 
 namespace latconv {
@@ -16,14 +14,9 @@ namespace {
 
 constexpr int kTH = 16, kTW = 32, kThreads = 256, kWarps = kThreads / 32;
 
-__device__ __forceinline__ float load(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, long i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, long i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(__half* p, long i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, long i, float v) { p[i] = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
+using wsiops::from_float;
+using wsiops::sigmoid;
+using wsiops::to_float;
 
 struct Tile {
   int channel, i0, j0;  // the tile's first cell
@@ -44,7 +37,7 @@ __device__ __forceinline__ void stage(float* dst, const T* src, long base, int i
 #pragma unroll
   for (int r = 0; r < (ROWS * COLS + kThreads - 1) / kThreads; ++r) {
     const int t = threadIdx.x + r * kThreads, i = i0 + t / COLS, j = j0 + t % COLS;
-    v[r] = (t < ROWS * COLS && i >= 0 && i < H && j >= 0 && j < W) ? load(src, base + static_cast<long>(i) * W + j)
+    v[r] = (t < ROWS * COLS && i >= 0 && i < H && j >= 0 && j < W) ? to_float(src[base + static_cast<long>(i) * W + j])
                                                                    : 0.f;
   }
 #pragma unroll
@@ -76,7 +69,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Params p) {
     for (int di = 0; di < K; ++di)
 #pragma unroll
       for (int dj = 0; dj < K; ++dj) acc += w[di * K + dj] * xs[(ti + di) * SW + tj + dj];
-    store(static_cast<T*>(p.out), base + static_cast<long>(i) * p.width + j, acc * sigmoid(acc));
+    const long at = base + static_cast<long>(i) * p.width + j;
+    static_cast<T*>(p.out)[at] = from_float<T>(acc * sigmoid(acc));
   }
 }
 
@@ -99,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(Params p) {
 #pragma unroll
   for (int r = 0; r < kG; ++r) {
     const int t = threadIdx.x + r * kThreads, i = tile.i0 - R + t / GW, j = tile.j0 - R + t % GW;
-    gv[r] = (t < GH * GW && i >= 0 && i < H && j >= 0 && j < W) ? load(gu, base + static_cast<long>(i) * W + j) : 0.f;
+    gv[r] = (t < GH * GW && i >= 0 && i < H && j >= 0 && j < W) ? to_float(gu[base + static_cast<long>(i) * W + j]) : 0.f;
   }
   stage<kTH + 4 * R, XW>(xs, static_cast<const T*>(p.x), base, tile.i0 - 2 * R, tile.j0 - 2 * R, H, W);
   __syncthreads();
@@ -131,7 +125,8 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(Params p) {
         gw[di * K + dj] += g * xs[(ti + R + di) * XW + tj + R + dj];
       }
     gw[K * K] += g;
-    store(static_cast<T*>(p.gx), base + static_cast<long>(i) * W + j, acc);
+    const long at = base + static_cast<long>(i) * W + j;
+    static_cast<T*>(p.gx)[at] = from_float<T>(acc);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll

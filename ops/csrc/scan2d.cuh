@@ -24,12 +24,11 @@
 // softplus' in the backward, which also writes dz and sums dy u for dD there. Staged slots are double-buffered
 // (two windows), so a drain reads its window's factors while the next window is staged.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
+#include "convert.cuh"
 #include "scan_params.h"
 
 namespace scan {
@@ -39,21 +38,10 @@ constexpr int kStaged = 2 * kWindow;  // staged slots: two windows, so that one 
 constexpr unsigned kFull = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+using wsiops::from_float;
+using wsiops::sigmoid;
+using wsiops::softplus;
+using wsiops::to_float;
 
 // Step s of a walk over rows of nt tiles: (row, tile), without a division when a row is one tile.
 __device__ __forceinline__ int2 split_step(int s, int nt) {
