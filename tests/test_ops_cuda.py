@@ -90,10 +90,11 @@ def test_scan2d_states_groups_and_wide_rows(n, groups, height, width):
             TOL[torch.float32])
 
 
-# (height, width, groups, d) at 8 x d channels: 4 channels per warp for rows of <= 16 columns (d % 4 == 0),
-# else 2 for rows of <= 64
+# (height, width, groups, d) at 8 x d channels: 4 channels per warp for rows of <= 64 columns (d % 4 == 0),
+# else 2 for rows of <= 128; K = 1, 2, 4 or 8 columns per lane as the packed row needs
 PACKED = [(14, 14, None, 256), (37, 1, None, 256), (3, 8, 2, 256), (14, 14, None, 254), (1, 30, None, 256),
-          (5, 32, 2, 256), (3, 17, None, 256), (4, 56, None, 256), (2, 33, None, 256), (3, 64, 2, 256)]
+          (5, 32, 2, 256), (3, 17, None, 256), (4, 56, None, 256), (2, 33, None, 256), (3, 64, 2, 256),
+          (2, 40, None, 254), (2, 100, None, 256), (3, 128, 2, 256), (2, 65, None, 254), (9, 64, None, 254)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -755,15 +755,15 @@ void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, in
 // Columns per lane: the smallest K in {1, 2, 4, 8} whose tile covers the row; wider rows use several tiles.
 inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8; }
 
-// Channels per warp (v6, v7): P = 4 when a row fits in 8 lanes of K <= 2 columns, P = 2 when it fits in 16
-// lanes of K <= 4, as long as the P channels stay inside one batch and one B/C group and the grid keeps at
-// least 512 blocks (fewer would leave SMs idle at batch 1). (The packed K = 4 backward needs 120 registers,
-// one block per SM; measured at 56x56 it still beat the unpacked K = 2 one at two blocks per SM.)
+// Channels per warp (v6, v7, v14): P = 4 when a row fits in 8 lanes of K <= 8 columns (width <= 64), P = 2 when it
+// fits in 16 (width <= 128), as long as the P channels stay inside one batch and one B/C group and the grid keeps
+// at least 512 blocks (fewer would leave SMs idle at batch 1). (Until v14, P = 4 only for K <= 2 and P = 2 for
+// K <= 4; packing at K = 8 measured 13% faster at (64, 192, 16, 56x56) bf16, 7% at (4, 256, 16, 100x100).)
 inline int pack_of(const Params& p) {
   const long channels = (long)p.batch * p.dim;
   const int per_group = p.dim / p.groups;
-  if (p.width <= 16 && per_group % 4 == 0 && channels / 4 >= 512) return 4;
-  if (p.width <= 64 && per_group % 2 == 0 && channels / 2 >= 512) return 2;
+  if (p.width <= 64 && per_group % 4 == 0 && channels / 4 >= 512) return 4;
+  if (p.width <= 128 && per_group % 2 == 0 && channels / 2 >= 512) return 2;
   return 1;
 }
 
@@ -796,13 +796,18 @@ template <typename T, bool kFwd>
 void dispatch(const Params& p, cudaStream_t stream) {
   switch (pack_of(p)) {
     case 4:  // 8 lanes of K columns
-      if (cols_per_lane(4 * p.width) == 1) return launch_one<T, kFwd, 1, 4>(p, stream);
-      return launch_one<T, kFwd, 2, 4>(p, stream);
+      switch (cols_per_lane(4 * p.width)) {
+        case 1: return launch_one<T, kFwd, 1, 4>(p, stream);
+        case 2: return launch_one<T, kFwd, 2, 4>(p, stream);
+        case 4: return launch_one<T, kFwd, 4, 4>(p, stream);
+        default: return launch_one<T, kFwd, 8, 4>(p, stream);
+      }
     case 2:  // 16 lanes of K columns
       switch (cols_per_lane(2 * p.width)) {
         case 1: return launch_one<T, kFwd, 1, 2>(p, stream);
         case 2: return launch_one<T, kFwd, 2, 2>(p, stream);
-        default: return launch_one<T, kFwd, 4, 2>(p, stream);
+        case 4: return launch_one<T, kFwd, 4, 2>(p, stream);
+        default: return launch_one<T, kFwd, 8, 2>(p, stream);
       }
     default:
       switch (cols_per_lane(p.width)) {
