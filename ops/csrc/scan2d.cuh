@@ -355,11 +355,12 @@ __device__ __forceinline__ void stg(float* dst, int valid, bool vec, const float
 
 // K values of a row of T read one step ahead into registers (one 16-byte load), converted when used: the load's
 // latency then passes behind a step's work (v13). Lanes the wide load does not suit (a partial last group) read at
-// use. On for 8 columns of 16-bit values (the backward at rows over 128 columns: 1.94 -> 1.80 ms at 200x200 bf16);
-// where it is off, get() is the plain load at the same place.
-template <typename T, int K>
+// use. On for 8 columns of 16-bit values (the backward at rows over 128 columns: 1.94 -> 1.80 ms at 200x200 bf16)
+// with one channel per warp: the packed backward (P = 2, 4) spilled 92-140 bytes with it and ran 7-10% slower
+// (64x192x56x56 bf16: 6.53 ms with, 5.91 without). Where it is off, get() is the plain load at the same place.
+template <typename T, int K, int P>
 struct Ahead {
-  static constexpr bool kOn = K == 8 && sizeof(T) == 2;
+  static constexpr bool kOn = K == 8 && sizeof(T) == 2 && P == 1;
   uint4 raw;
   bool held;
   __device__ __forceinline__ void fetch(const T* row, int j0, int valid, bool vec) {
@@ -568,7 +569,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           t = it.y;
         }, accD);
       };
-      Ahead<T, K> aheadB;  // B of the next step
+      Ahead<T, K, P> aheadB;  // B of the next step
       auto fetch = [&](int s) {
         const int2 it = where(s);
         const int j0 = it.y * SEGT + slane * K;
@@ -630,7 +631,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           }
         });
       };
-      Ahead<T, K> aheadB, aheadC;  // B, C of the next step
+      Ahead<T, K, P> aheadB, aheadC;  // B, C of the next step
       auto fetch = [&](int s) {
         const int2 it = where(s);
         const int j0 = it.y * SEGT + slane * K, valid = ch.active ? W - j0 : 0;
