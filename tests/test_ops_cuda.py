@@ -105,6 +105,18 @@ def test_scan2d_several_channels_per_warp(height, width, groups, d, dtype):
     compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
 
 
+# (height, width, groups) at batch 1 x 256 channels: 128 blocks at 2 channels per warp, enough for the backward
+# (one block per SM) but not the forward, which keeps one channel per warp
+BACKWARD_PACKED = [(5, 100, None), (3, 40, None), (2, 64, None), (4, 120, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("height,width,groups", BACKWARD_PACKED, ids=[f"{h}x{w}-g{g}" for h, w, g in BACKWARD_PACKED])
+def test_scan2d_backward_packed_alone(height, width, groups, dtype):
+    x = make(1, 256, 4, height * width, dtype, groups=groups, options=True, seed=height + width)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_scan2d_unaligned_views(dtype):
     """Contiguous views at an odd storage offset (not 16-byte aligned) give the same result."""

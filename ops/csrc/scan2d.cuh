@@ -756,25 +756,32 @@ void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, in
 // Columns per lane: the smallest K in {1, 2, 4, 8} whose tile covers the row; wider rows use several tiles.
 inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8; }
 
+inline int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&value, attr, device);
+  return value;
+}
+
 // Channels per warp (v6, v7, v14): P = 4 when a row fits in 8 lanes of K <= 8 columns (width <= 64), P = 2 when it
 // fits in 16 (width <= 128), as long as the P channels stay inside one batch and one B/C group and the grid keeps
-// at least 512 blocks (fewer would leave SMs idle at batch 1). (Until v14, P = 4 only for K <= 2 and P = 2 for
-// K <= 4; packing at K = 8 measured 13% faster at (64, 192, 16, 56x56) bf16, 7% at (4, 256, 16, 100x100).)
-inline int pack_of(const Params& p) {
+// enough blocks: the forward (two blocks per SM) at least 512, the backward (one block per SM) at least 15/16 of
+// the SMs, so that at batch 1 (256 channels: 128 blocks at P = 2 on 132 SMs) only the backward packs. (Until v14,
+// P = 4 only for K <= 2, P = 2 for K <= 4, and the backward as the forward. Measured with kernel_ab, bf16 fwd+bwd:
+// packing at K = 8, 64x192x56x56 9.13 -> 7.93 ms, 4x256x100x100 2.90 -> 2.70; the backward alone at 128 blocks,
+// 1x256x120x120 0.96 -> 0.80, 1x256x64x64 0.31 -> 0.25, 1x256x100x100 0.78 -> 0.72; at 64 blocks it was slower.)
+inline int pack_of(const Params& p, bool fwd) {
+  static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const long channels = (long)p.batch * p.dim;
   const int per_group = p.dim / p.groups;
-  if (p.width <= 64 && per_group % 4 == 0 && channels / 4 >= 512) return 4;
-  if (p.width <= 128 && per_group % 2 == 0 && channels / 2 >= 512) return 2;
+  auto enough = [&](int P) { return fwd ? channels / P >= 512 : channels / P * 16 >= (long)sms * 15; };
+  if (p.width <= 64 && per_group % 4 == 0 && enough(4)) return 4;
+  if (p.width <= 128 && per_group % 2 == 0 && enough(2)) return 2;
   return 1;
 }
 
 inline int max_smem_per_block() {
-  static const int bytes = [] {
-    int device = 0, value = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    return value;
-  }();
+  static const int bytes = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   return bytes;
 }
 
@@ -795,7 +802,7 @@ void launch_one(const Params& p, cudaStream_t stream) {
 
 template <typename T, bool kFwd>
 void dispatch(const Params& p, cudaStream_t stream) {
-  switch (pack_of(p)) {
+  switch (pack_of(p, kFwd)) {
     case 4:  // 8 lanes of K columns
       switch (cols_per_lane(4 * p.width)) {
         case 1: return launch_one<T, kFwd, 1, 4>(p, stream);
