@@ -769,13 +769,16 @@ inline int device_attribute(cudaDeviceAttr attr) {
 // the SMs, so that at batch 1 (256 channels: 128 blocks at P = 2 on 132 SMs) only the backward packs. (Until v14,
 // P = 4 only for K <= 2, P = 2 for K <= 4, and the backward as the forward. Measured with kernel_ab, bf16 fwd+bwd:
 // packing at K = 8, 64x192x56x56 9.13 -> 7.93 ms, 4x256x100x100 2.90 -> 2.70; the backward alone at 128 blocks,
-// 1x256x120x120 0.96 -> 0.80, 1x256x64x64 0.31 -> 0.25, 1x256x100x100 0.78 -> 0.72; at 64 blocks it was slower.)
+// 1x256x120x120 0.96 -> 0.80, 1x256x64x64 0.31 -> 0.25, 1x256x100x100 0.78 -> 0.72; at 64 blocks it was slower.
+// Rows of 17-32 columns: 4 per warp (K = 4) made the forward faster, 64x192x24x24 0.57 -> 0.43 ms, and the backward
+// slower than 2 per warp (K = 2), 1.52 -> 1.59, so the backward keeps 2 there.)
 inline int pack_of(const Params& p, bool fwd) {
   static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const long channels = (long)p.batch * p.dim;
   const int per_group = p.dim / p.groups;
   auto enough = [&](int P) { return fwd ? channels / P >= 512 : channels / P * 16 >= (long)sms * 15; };
-  if (p.width <= 64 && per_group % 4 == 0 && enough(4)) return 4;
+  const bool four = fwd || p.width <= 16 || p.width > 32;
+  if (p.width <= 64 && four && per_group % 4 == 0 && enough(4)) return 4;
   if (p.width <= 128 && per_group % 2 == 0 && enough(2)) return 2;
   return 1;
 }
