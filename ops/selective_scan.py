@@ -122,7 +122,7 @@ def aligned_width(width: int, dtype: torch.dtype = torch.bfloat16) -> int:
     widens other rows itself (with copies); a caller that can build its grid at this width saves them
     (2DMambaMIL's lattice and block do). The default dtype's rule suits the 16-bit kernels and is enough for
     fp32's from 65 columns on."""
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     lane_cols = 1 if width <= 32 else 2 if width <= 64 else 4 if width <= 128 else 8  # ops/csrc cols_per_lane
     load = lane_cols * size
     multiple = min(load, 16) // size if load % 16 == 0 or load == 8 else 1  # ops/csrc ldg's wide loads

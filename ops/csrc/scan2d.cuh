@@ -753,9 +753,6 @@ void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, in
   kernel<<<grid, threads, smem, stream>>>(p);
 }
 
-// Columns per lane: the smallest K in {1, 2, 4, 8} whose tile covers the row; wider rows use several tiles.
-inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8; }
-
 inline int device_attribute(cudaDeviceAttr attr) {
   int device = 0, value = 0;
   cudaGetDevice(&device);

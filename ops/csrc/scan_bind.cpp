@@ -48,7 +48,7 @@ Shape shape_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::
   SCAN_CHECK(strip == scan::kStrip, "strip must be ", scan::kStrip, ", got ", strip);
   s.strip = std::min<int64_t>(strip, height);
   s.n_strips = (s.height + s.strip - 1) / s.strip;
-  const int tile = 32 * (width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8);
+  const int tile = 32 * scan::cols_per_lane(width);
   s.n_tiles = (s.width + tile - 1) / tile;
   return s;
 }

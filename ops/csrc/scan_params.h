@@ -7,6 +7,10 @@ namespace scan {
 constexpr int kWarpsPerBlock = 16;  // states per block (one warp each); more states use more blocks
 constexpr int kStrip = 8;           // rows per checkpoint strip (the forward keeps h of every kStrip-th row)
 
+// Columns per lane: the smallest K in {1, 2, 4, 8} whose tile of 32 K columns covers the row; wider rows use
+// several tiles (ops.aligned_width mirrors it in Python).
+inline int cols_per_lane(int width) { return width <= 32 ? 1 : width <= 64 ? 2 : width <= 128 ? 4 : 8; }
+
 struct Params {
   int batch, dim, dstate, groups, height, width;
   int strip, n_strips;  // rows per checkpoint strip, number of strips

@@ -137,8 +137,9 @@ def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | Non
     if stride > 1:
         r, c = r // stride, c // stride
     height, width = math.ceil(height / stride), math.ceil(width / stride)
-    if ops.aligned_width(height) * ops.aligned_width(width) <= max_cells:  # else the blocks widen their rows
-        height, width = ops.aligned_width(height), ops.aligned_width(width)
+    aligned = ops.aligned_width(height), ops.aligned_width(width)
+    if aligned[0] * aligned[1] <= max_cells:  # else the blocks widen their rows
+        height, width = aligned
     cell = (r * width + c).astype(np.int32)
     count = np.bincount(cell, minlength=height * width).astype(np.int32)
     empty = count == 0
