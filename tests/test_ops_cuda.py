@@ -117,6 +117,23 @@ def test_scan2d_backward_packed_alone(height, width, groups, dtype):
     compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
 
 
+# (batch, d, n, height, width, P, K): states a multiple of 16 and rows of one tile, a multiple of K wide, so the
+# kernels take their uniform-rows form (kU); at 100 columns one channel per warp (K = 4) rather than two (K = 8)
+UNIFORM = [(1, 4, 16, 20, 200, 1, 8), (1, 4, 32, 6, 200, 1, 8), (2, 4, 16, 9, 96, 1, 4), (8, 256, 16, 4, 56, 4, 8),
+           (8, 256, 16, 3, 120, 2, 8), (8, 256, 16, 2, 100, 1, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,d,n,height,width,P,K", UNIFORM, ids=[f"{b}x{d}x{n}-{h}x{w}" for b, d, n, h, w, *_ in UNIFORM])
+def test_scan2d_uniform_rows(batch, d, n, height, width, P, K, dtype):
+    ext = selective_scan.extension()
+    for forward in (True, False):
+        plan = ext.scan_plan(batch, d, n, 1, height, width, dtype.itemsize, forward)
+        assert tuple(plan) == (P, K, True), f"forward={forward}: plan {plan}"
+    x = make(batch, d, n, height * width, dtype, options=True, seed=height * width + n)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_scan2d_unaligned_views(dtype):
     """Contiguous views at an odd storage offset (not 16-byte aligned) give the same result."""

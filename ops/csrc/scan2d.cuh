@@ -23,10 +23,13 @@
 // The staging computes every per-position factor the drains need (v12): the gate silu(z) in the forward; dy,
 // softplus' in the backward, which also writes dz and sums dy u for dD there. Staged slots are double-buffered
 // (two windows), so a drain reads its window's factors while the next window is staged.
+// Uniform rows (v15, kU): when every row is one tile, a multiple of K wide and suited to the wide loads, and every
+// block has all its warps, both kernels take a form without the per-step branches for the other cases.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "convert.cuh"
 #include "scan_params.h"
@@ -104,17 +107,25 @@ struct Smem {
   }
   // The sums over the warps of N = 1 or 4 consecutive columns from col (a multiple of N: 16-byte aligned,
   // unpadded).
-  template <int N>
+  // kAll: the block has all kWarpsPerBlock warps (then the loop unrolls, with constant offsets).
+  template <int N, bool kAll = false>
   __device__ void sum(int a, int s, int col, int nwarps, float (&v)[N]) const {
 #pragma unroll
     for (int q = 0; q < N; ++q) v[q] = 0.f;
-    for (int w = 0; w < nwarps; ++w) {
-      if constexpr (N == 4) {
-        const float4 x = *reinterpret_cast<const float4*>(&part(a, s, w, col));
-        v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
-      } else {
-        v[0] += part(a, s, w, col);
-      }
+    if constexpr (kAll) {
+#pragma unroll
+      for (int w = 0; w < kWarpsPerBlock; ++w) add<N>(a, s, w, col, v);
+    } else {
+      for (int w = 0; w < nwarps; ++w) add<N>(a, s, w, col, v);
+    }
+  }
+  template <int N>
+  __device__ __forceinline__ void add(int a, int s, int w, int col, float (&v)[N]) const {
+    if constexpr (N == 4) {
+      const float4 x = *reinterpret_cast<const float4*>(&part(a, s, w, col));
+      v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
+    } else {
+      v[0] += part(a, s, w, col);
     }
   }
   __host__ __device__ static constexpr size_t bytes() {
@@ -309,11 +320,17 @@ __device__ __forceinline__ void sts(float* dst, const float (&v)[K]) {
 // row's end (valid <= 0) take the same wide load from the row's start and zero it, so a row whose width is a
 // multiple of K loads without divergence (v9; before, those lanes ran the scalar path beside the others).
 // kReadOnly: through the non-coherent cache, only for tensors no thread of the kernel writes.
-template <typename T, int K, bool kReadOnly = true>
+// kWhole (the kU kernels): the caller guarantees vec and that valid is >= K or <= 0 (rows a multiple of K wide): no
+// scalar path, and lanes past the row's end keep the row start's values instead of zeros (8 selects per load
+// fewer). Those kernels need no zeros there: the staged delta, u and dy are zero past the row's end, and every term
+// such a lane adds to a sum or a scan has one of them as a factor (its B, C and h row are finite values of the row's
+// first columns).
+template <typename T, int K, bool kReadOnly = true, bool kWhole = false>
 __device__ __forceinline__ void ldg(const T* row, int j0, int valid, bool vec, float (&v)[K]) {
   constexpr int kBytes = K * sizeof(T);
+  static_assert(!kWhole || kBytes % 16 == 0 || kBytes == 8, "kWhole needs a wide load");
   if constexpr (kBytes % 16 == 0 || kBytes == 8) {
-    if (vec && (valid >= K || valid <= 0)) {
+    if (kWhole || (vec && (valid >= K || valid <= 0))) {
       const T* src = row + (valid > 0 ? j0 : 0);
       const bool keep = valid > 0;
       if constexpr (kBytes % 16 == 0) {
@@ -323,34 +340,39 @@ __device__ __forceinline__ void ldg(const T* row, int j0, int valid, bool vec, f
           raw[q] = kReadOnly ? __ldg(reinterpret_cast<const uint4*>(src) + q) : reinterpret_cast<const uint4*>(src)[q];
         const T* t = reinterpret_cast<const T*>(raw);
 #pragma unroll
-        for (int k = 0; k < K; ++k) v[k] = keep ? to_float(t[k]) : 0.f;
+        for (int k = 0; k < K; ++k) v[k] = kWhole || keep ? to_float(t[k]) : 0.f;
       } else {
         const uint2 raw = kReadOnly ? __ldg(reinterpret_cast<const uint2*>(src)) : *reinterpret_cast<const uint2*>(src);
         const T* t = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int k = 0; k < K; ++k) v[k] = keep ? to_float(t[k]) : 0.f;
+        for (int k = 0; k < K; ++k) v[k] = kWhole || keep ? to_float(t[k]) : 0.f;
       }
       return;
     }
   }
+  if constexpr (!kWhole) {
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(row[j0 + k]) : 0.f;
+    for (int k = 0; k < K; ++k) v[k] = k < valid ? to_float(row[j0 + k]) : 0.f;
+  }
 }
 
 // K floats to global memory, the first `valid` of them; 16-byte stores when `vec` and all K are inside the row.
-template <int K>
+template <int K, bool kWhole = false>
 __device__ __forceinline__ void stg(float* dst, int valid, bool vec, const float (&v)[K]) {
   if constexpr (K >= 4) {
-    if (vec && valid >= K) {
+    if (kWhole || (vec && valid >= K)) {
+      if (kWhole && valid <= 0) return;
 #pragma unroll
       for (int q = 0; q < K / 4; ++q)
         reinterpret_cast<float4*>(dst)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
       return;
     }
   }
+  if constexpr (!kWhole || K < 4) {
 #pragma unroll
-  for (int k = 0; k < K; ++k)
-    if (k < valid) dst[k] = v[k];
+    for (int k = 0; k < K; ++k)
+      if (k < valid) dst[k] = v[k];
+  }
 }
 
 // K values of a row of T read one step ahead into registers (one 16-byte load), converted when used: the load's
@@ -358,22 +380,22 @@ __device__ __forceinline__ void stg(float* dst, int valid, bool vec, const float
 // use. On for 8 columns of 16-bit values (the backward at rows over 128 columns: 1.94 -> 1.80 ms at 200x200 bf16)
 // with one channel per warp: the packed backward (P = 2, 4) spilled 92-140 bytes with it and ran 7-10% slower
 // (64x192x56x56 bf16: 6.53 ms with, 5.91 without). Where it is off, get() is the plain load at the same place.
-template <typename T, int K, int P>
+template <typename T, int K, int P, bool kWhole = false>
 struct Ahead {
   static constexpr bool kOn = K == 8 && sizeof(T) == 2 && P == 1;
   uint4 raw;
   bool held;
   __device__ __forceinline__ void fetch(const T* row, int j0, int valid, bool vec) {
-    held = kOn && vec && (valid >= K || valid <= 0);
+    held = kOn && (kWhole || (vec && (valid >= K || valid <= 0)));
     if (held) raw = __ldg(reinterpret_cast<const uint4*>(row + (valid > 0 ? j0 : 0)));
   }
   __device__ __forceinline__ void get(const T* row, int j0, int valid, bool vec, float (&v)[K]) const {
     if (kOn && held) {
       const T* t = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int k = 0; k < K; ++k) v[k] = valid > 0 ? to_float(t[k]) : 0.f;
+      for (int k = 0; k < K; ++k) v[k] = kWhole || valid > 0 ? to_float(t[k]) : 0.f;
     } else {
-      ldg<T, K>(row, j0, valid, vec, v);
+      ldg<T, K, true, kWhole>(row, j0, valid, vec, v);
     }
   }
 };
@@ -425,16 +447,17 @@ __global__ void scan2d_finish_kernel(Params p) {
   }
 }
 
-template <typename T, int K, int P>
+template <typename T, int K, int P, bool kU>  // kU: as the backward's (below)
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Params p) {
   constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
   extern __shared__ float smem[];
   const Smem<K, n_staged<Staged::kForward>(), 1> sm{smem};
   const Channel<T> ch(p, SEGT, P);
   const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int W = ch.W, H = ch.H, nt = ch.ntiles, steps = H * nt;
+  const int W = ch.W, H = ch.H, nt = kU ? 1 : ch.ntiles, steps = H * nt;
   const long c0 = (long)blockIdx.x * P;  // the block's first channel
   const int d0 = (int)(c0 % p.dim);
+  const bool active = kU || ch.active;
   float* carry = p.carry + ch.cn * W;
   float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
   float hv[K];
@@ -453,7 +476,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
     drain_window<K, P, 4>(s0, count, W, [&](int s) { return split_step(s, nt); },
                           [&](int s, int col, int seg, long l, int q_end) {
       float v[4];
-      sm.template sum<4>(0, s, col, nwarps, v);
+      sm.template sum<4, kU>(0, s, col, nwarps, v);
       l += (c0 + seg) * ch.L;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -463,16 +486,17 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
       }
     });
   };
-  const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
+  const bool vec = kU || wide_ok<T, K>(W), vecf = kU || wide_ok<float, K>(W);
   auto step = [&](int s) {
     const int2 it = split_step(s, nt);
     const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
-    const int valid = ch.active ? W - j0 : 0;
+    const int valid = active ? W - j0 : 0;
     if (t == 0) gc = 0.f;
     float dA[K], bu[K], cc[K];
-    ldg<T, K>(ch.C + i * W, j0, valid, vec, cc);
-    const float2 ab = discretise<T, K>(sm, s, ch, [&](float (&b)[K]) { ldg<T, K>(ch.B + i * W, j0, valid, vec, b); },
-                                       dA, bu);
+    ldg<T, K, true, kU>(ch.C + i * W, j0, valid, vec, cc);
+    const float2 ab = discretise<T, K>(sm, s, ch, [&](float (&b)[K]) {
+      ldg<T, K, true, kU>(ch.B + i * W, j0, valid, vec, b);
+    }, dA, bu);
     float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
     if (nt > 1) {
       if (i > 0) ldg<float, K, false>(carry, j0, valid, vecf, hv);
@@ -487,7 +511,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
     }
     sts<K>(&sm.part(0, s, warp, lane * K), yv);
     if (i + 1 < H) {
-      if ((i + 1) % kStrip == 0) stg<K>(ckpt + ((i + 1) / kStrip - 1) * W + j0, valid, vecf, hv);
+      if ((i + 1) % kStrip == 0) stg<K, kU>(ckpt + ((i + 1) / kStrip - 1) * W + j0, valid, vecf, hv);
       if (nt > 1) stg<K>(carry + j0, valid, vecf, hv);
     }
   };
@@ -516,7 +540,10 @@ __device__ __forceinline__ void finish_backward(const Params& p, int d, long l, 
 // Backward. Adjoints: lh = dL/dh (vertical recurrence, bottom-up), lg = dL/dg (horizontal, right to left):
 //   lh[i,j] = dy[i,j] C[i,j] + dA[i+1,j] lh[i+1,j];   lg[i,j] = lh[i,j] + dA[i,j+1] lg[i,j+1]
 //   d dA[i,j] = lg[i,j] g[i,j-1] + lh[i,j] h[i-1,j];  d dBu[i,j] = lg[i,j].
-template <typename T, int K, int P>
+// kU (uniform rows, scan_params.h's `uniform_rows`): every row is one tile and a multiple of K wide, the wide loads
+// suit it, all kWarpsPerBlock warps are active and lane_carries is set, so the per-step branches on these (scalar
+// loads, tile carries in global memory, idle warps) compile out of the step.
+template <typename T, int K, int P, bool kU>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bwd_kernel(Params p) {
   constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
   extern __shared__ float smem[];
@@ -524,9 +551,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
   const Shared sm{smem};
   const Channel<T> ch(p, SEGT, P);
   const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int W = ch.W, H = ch.H, nt = ch.ntiles;
-  const bool vec4 = W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
-  const bool vec = wide_ok<T, K>(W), vecf = wide_ok<float, K>(W);
+  const int W = ch.W, H = ch.H, nt = kU ? 1 : ch.ntiles;
+  const bool vec4 = kU || W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
+  const bool vec = kU || wide_ok<T, K>(W), vecf = kU || wide_ok<float, K>(W);
+  const bool active = kU || ch.active, lane_carries = kU || p.lane_carries;
   const long c0 = (long)blockIdx.x * P;  // the block's first channel
   const int d0 = (int)(c0 % p.dim);
   float accD[P], accB[P];  // this thread's shares of dD and d delta_bias, per segment
@@ -549,15 +577,21 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
   for (int strip = p.n_strips - 1; strip >= 0; --strip) {
     const int r0 = strip * p.strip, r1 = min(H, r0 + p.strip) - 1;
     auto h_above = [&](int i, int j0, int valid, float (&hp)[K]) {  // h[i-1, j0..j0+K) for r0 <= i <= r1
-      if (i > r0) ldg<float, K, false>(hbuf + (i - r0 - 1) * W, j0, valid, vecf, hp);
-      else if (strip > 0) ldg<float, K>(ckpt + (strip - 1) * W, j0, valid, vecf, hp);
-      else for (int k = 0; k < K; ++k) hp[k] = 0.f;
+      if constexpr (kU) {  // one load from the strip's scratch or the checkpoint (a select, not a branch)
+        const float* src = i > r0 ? hbuf + (i - r0 - 1) * W : ckpt + (strip - 1) * W;
+        if (i > 0) ldg<float, K, false, kU>(src, j0, valid, vecf, hp);
+        else for (int k = 0; k < K; ++k) hp[k] = 0.f;
+      } else {
+        if (i > r0) ldg<float, K, false>(hbuf + (i - r0 - 1) * W, j0, valid, vecf, hp);
+        else if (strip > 0) ldg<float, K>(ckpt + (strip - 1) * W, j0, valid, vecf, hp);
+        else for (int k = 0; k < K; ++k) hp[k] = 0.f;
+      }
     };
     // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and the horizontal carries: every
     // lane's incoming g (lane_carries) or every tile's, the last row's too when phase B needs them.
     {
       float gc = 0.f;
-      const int nsteps = (r1 - r0) * nt + (p.lane_carries || nt > 1 ? nt : 0);
+      const int nsteps = (r1 - r0) * nt + (lane_carries || nt > 1 ? nt : 0);
       auto where = [&](int s) {
         const int2 it = split_step(s, nt);
         return make_int2(r0 + it.x, it.y);
@@ -569,25 +603,25 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           t = it.y;
         }, accD);
       };
-      Ahead<T, K, P> aheadB;  // B of the next step
+      Ahead<T, K, P, kU> aheadB;  // B of the next step
       auto fetch = [&](int s) {
         const int2 it = where(s);
         const int j0 = it.y * SEGT + slane * K;
-        aheadB.fetch(ch.B + it.x * W, j0, ch.active ? W - j0 : 0, vec);
+        aheadB.fetch(ch.B + it.x * W, j0, active ? W - j0 : 0, vec);
       };
       fetch(0);
       auto step = [&](int s) {
         const int2 it = where(s);
-        const int i = it.x, t = it.y, j0 = t * SEGT + slane * K, valid = ch.active ? W - j0 : 0;
+        const int i = it.x, t = it.y, j0 = t * SEGT + slane * K, valid = active ? W - j0 : 0;
         if (t == 0) gc = 0.f;
-        if (!p.lane_carries && slane == 0 && ch.active) gbuf[(i - r0) * nt + t] = gc;
+        if (!lane_carries && slane == 0 && active) gbuf[(i - r0) * nt + t] = gc;
         float dA[K], bu[K];
         const float2 ab = discretise<T, K>(sm, s, ch, [&](float (&b)[K]) {
           aheadB.get(ch.B + i * W, j0, valid, vec, b);
           if (s + 1 < nsteps) fetch(s + 1);
         }, dA, bu);
         float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
-        if (p.lane_carries) glane[((i - r0) * nt + t) * 32] = g;
+        if (lane_carries) glane[((i - r0) * nt + t) * 32] = g;
         if (i == r1) return;  // the last row needs only its carries
         float hp[K];
         h_above(i, j0, valid, hp);
@@ -596,7 +630,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           g = dA[k] * g + bu[k];
           hp[k] = dA[k] * hp[k] + g;
         }
-        stg<K>(hbuf + (i - r0) * W + j0, valid, vecf, hp);
+        stg<K, kU>(hbuf + (i - r0) * W + j0, valid, vecf, hp);
       };
       windows(nsteps, stage, step, [](int, int) {});
     }
@@ -620,8 +654,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
         constexpr int N = 1;
         drain_window<K, P, N>(s0, count, W, where, [&](int s, int col, int seg, long l, int q_end) {
           float du[N], dd[N];
-          sm.template sum<N>(0, s, col, nwarps, du);
-          sm.template sum<N>(1, s, col, nwarps, dd);
+          sm.template sum<N, kU>(0, s, col, nwarps, du);
+          sm.template sum<N, kU>(1, s, col, nwarps, dd);
           l += (c0 + seg) * ch.L;
 #pragma unroll
           for (int q = 0; q < N; ++q) {
@@ -631,10 +665,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           }
         });
       };
-      Ahead<T, K, P> aheadB, aheadC;  // B, C of the next step
+      Ahead<T, K, P, kU> aheadB, aheadC;  // B, C of the next step
       auto fetch = [&](int s) {
         const int2 it = where(s);
-        const int j0 = it.y * SEGT + slane * K, valid = ch.active ? W - j0 : 0;
+        const int j0 = it.y * SEGT + slane * K, valid = active ? W - j0 : 0;
         aheadB.fetch(ch.B + it.x * W, j0, valid, vec);
         aheadC.fetch(ch.C + it.x * W, j0, valid, vec);
       };
@@ -644,7 +678,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
         const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
         if (t == nt - 1) lgc = 0.f, dA_right = 0.f;
         float dt[K], uu[K], bb[K], dA[K], lh[K], hp[K], dyk[K];
-        const int valid = ch.active ? W - j0 : 0;
+        const int valid = active ? W - j0 : 0;
         if (nt > 1) {
           if (i + 1 < H) ldg<float, K, false>(lcarry, j0, valid, vecf, lv);
           else for (int k = 0; k < K; ++k) lv[k] = 0.f;
@@ -683,7 +717,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
         }
         // g[i, j0 - 1] from phase A (or the horizontal scan again); then all the gradients of this position.
         float gp;
-        if (p.lane_carries) {
+        if (lane_carries) {
           gp = glane[((i - r0) * nt + t) * 32];
         } else {
           float a = 1.f, b = 0.f;
@@ -719,7 +753,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
             vC[k] += __shfl_down_sync(kFull, vC[k], off);
           }
         }
-        if (ch.active && ch.seg == 0) {
+        if (active && ch.seg == 0) {
           atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4);
           atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4);
         }
@@ -729,7 +763,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
   }
 #pragma unroll
   for (int off = SEG / 2; off > 0; off >>= 1) dA_sum += __shfl_xor_sync(kFull, dA_sum, off);
-  if (slane == 0 && ch.active) atomicAdd(p.dA + ch.d * p.dstate + ch.n, dA_sum);
+  if (slane == 0 && active) atomicAdd(p.dA + ch.d * p.dstate + ch.n, dA_sum);
 #pragma unroll
   for (int q = 0; q < P; ++q) {
     float a = accD[q], b = accB[q];
@@ -753,42 +787,20 @@ void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, in
   kernel<<<grid, threads, smem, stream>>>(p);
 }
 
-inline int device_attribute(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&value, attr, device);
-  return value;
-}
-
-// Channels per warp (v6, v7, v14): P = 4 when a row fits in 8 lanes of K <= 8 columns (width <= 64), P = 2 when it
-// fits in 16 (width <= 128), as long as the P channels stay inside one batch and one B/C group and the grid keeps
-// enough blocks: the forward (two blocks per SM) at least 512, the backward (one block per SM) at least 15/16 of
-// the SMs, so that at batch 1 (256 channels: 128 blocks at P = 2 on 132 SMs) only the backward packs. (Until v14,
-// P = 4 only for K <= 2, P = 2 for K <= 4, and the backward as the forward. Measured with kernel_ab, bf16 fwd+bwd:
-// packing at K = 8, 64x192x56x56 9.13 -> 7.93 ms, 4x256x100x100 2.90 -> 2.70; the backward alone at 128 blocks,
-// 1x256x120x120 0.96 -> 0.80, 1x256x64x64 0.31 -> 0.25, 1x256x100x100 0.78 -> 0.72; at 64 blocks it was slower.
-// Rows of 17-32 columns: 4 per warp (K = 4) made the forward faster, 64x192x24x24 0.57 -> 0.43 ms, and the backward
-// slower than 2 per warp (K = 2), 1.52 -> 1.59, so the backward keeps 2 there.)
-inline int pack_of(const Params& p, bool fwd) {
-  static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const long channels = (long)p.batch * p.dim;
-  const int per_group = p.dim / p.groups;
-  auto enough = [&](int P) { return fwd ? channels / P >= 512 : channels / P * 16 >= (long)sms * 15; };
-  const bool four = fwd || p.width <= 16 || p.width > 32;
-  if (p.width <= 64 && four && per_group % 4 == 0 && enough(4)) return 4;
-  if (p.width <= 128 && per_group % 2 == 0 && enough(2)) return 2;
-  return 1;
-}
-
 inline int max_smem_per_block() {
   static const int bytes = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   return bytes;
 }
 
+// The kernel of a plan: kU (uniform rows) only for K >= 4, where the wide loads it assumes exist.
 template <typename T, bool kFwd, int K, int P>
-void launch_one(const Params& p, cudaStream_t stream) {
+void launch_one(const Params& p, bool uniform, cudaStream_t stream) {
   if constexpr (kFwd) {
-    launch(scan2d_fwd_kernel<T, K, P>, p, Smem<K, n_staged<Staged::kForward>(), 1>::bytes(), stream, P);
+    const size_t smem = Smem<K, n_staged<Staged::kForward>(), 1>::bytes();
+    if constexpr (K >= 4) {
+      if (uniform) return launch(scan2d_fwd_kernel<T, K, P, true>, p, smem, stream, P);
+    }
+    launch(scan2d_fwd_kernel<T, K, P, false>, p, smem, stream, P);
   } else {
     // the lanes' horizontal carries of a strip in shared memory when they fit (at K = 8: rows of up to 2 tiles)
     Params q = p;
@@ -796,34 +808,30 @@ void launch_one(const Params& p, cudaStream_t stream) {
     const size_t carries = sizeof(float) * kWarpsPerBlock * kStrip * nt * 32;
     const size_t base = Smem<K, n_staged<Staged::kAdjoint>(), 2>::bytes();
     q.lane_carries = base + carries <= (size_t)max_smem_per_block();
-    launch(scan2d_bwd_kernel<T, K, P>, q, base + (q.lane_carries ? carries : 0), stream, P);
+    const size_t smem = base + (q.lane_carries ? carries : 0);
+    if constexpr (K >= 4) {
+      if (uniform && q.lane_carries) return launch(scan2d_bwd_kernel<T, K, P, true>, q, smem, stream, P);
+    }
+    launch(scan2d_bwd_kernel<T, K, P, false>, q, smem, stream, P);
   }
 }
 
 template <typename T, bool kFwd>
 void dispatch(const Params& p, cudaStream_t stream) {
-  switch (pack_of(p, kFwd)) {
-    case 4:  // 8 lanes of K columns
-      switch (cols_per_lane(4 * p.width)) {
-        case 1: return launch_one<T, kFwd, 1, 4>(p, stream);
-        case 2: return launch_one<T, kFwd, 2, 4>(p, stream);
-        case 4: return launch_one<T, kFwd, 4, 4>(p, stream);
-        default: return launch_one<T, kFwd, 8, 4>(p, stream);
-      }
-    case 2:  // 16 lanes of K columns
-      switch (cols_per_lane(2 * p.width)) {
-        case 1: return launch_one<T, kFwd, 1, 2>(p, stream);
-        case 2: return launch_one<T, kFwd, 2, 2>(p, stream);
-        case 4: return launch_one<T, kFwd, 4, 2>(p, stream);
-        default: return launch_one<T, kFwd, 8, 2>(p, stream);
-      }
-    default:
-      switch (cols_per_lane(p.width)) {
-        case 1: return launch_one<T, kFwd, 1, 1>(p, stream);
-        case 2: return launch_one<T, kFwd, 2, 1>(p, stream);
-        case 4: return launch_one<T, kFwd, 4, 1>(p, stream);
-        default: return launch_one<T, kFwd, 8, 1>(p, stream);
-      }
+  const Plan plan = plan_of(p, kFwd, sizeof(T));
+  auto with_k = [&](auto packed) {
+    constexpr int P = decltype(packed)::value;
+    switch (plan.K) {
+      case 1: return launch_one<T, kFwd, 1, P>(p, plan.uniform, stream);
+      case 2: return launch_one<T, kFwd, 2, P>(p, plan.uniform, stream);
+      case 4: return launch_one<T, kFwd, 4, P>(p, plan.uniform, stream);
+      default: return launch_one<T, kFwd, 8, P>(p, plan.uniform, stream);
+    }
+  };
+  switch (plan.P) {
+    case 4: return with_k(std::integral_constant<int, 4>{});  // 8 lanes of K columns per channel
+    case 2: return with_k(std::integral_constant<int, 2>{});  // 16 lanes
+    default: return with_k(std::integral_constant<int, 1>{});
   }
 }
 

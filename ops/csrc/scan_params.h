@@ -2,6 +2,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 namespace scan {
 
 constexpr int kWarpsPerBlock = 16;  // states per block (one warp each); more states use more blocks
@@ -34,6 +36,60 @@ struct Params {
   float* gbuf;  // (batch, dim, dstate, strip, n_tiles): horizontal carry at each tile start (without lane_carries)
   bool lane_carries;  // set by the launcher: phase A keeps every lane's incoming horizontal state in shared memory
 };
+
+inline int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&value, attr, device);
+  return value;
+}
+
+// How a scan runs (the same for every dtype's launchers, and reported to Python by the binding's scan_plan):
+// P channels per warp, K columns per lane, and whether the kernels take their uniform-rows form (kU).
+struct Plan {
+  int P, K;
+  bool uniform;
+};
+
+// kU (v15) applies when every row is one tile of 32 K / P columns and a multiple of K wide, the rows suit the wide
+// loads (16 bytes, or the lane's K values when fewer) of elem-byte inputs and of the fp32 scratch, and all blocks
+// have kWarpsPerBlock warps: the per-step branches on scalar loads, tile carries and idle warps then compile out,
+// and the drains' sums over warps unroll. Measured (kernel_ab, bf16, fwd+bwd): 1x256x200x200 2.25 -> 1.83 ms,
+// 64x192x56x56 7.28 -> 5.85, 4x256x96x96 2.09 -> 1.66. K >= 4 only (the kernels' wide loads); the backward also
+// needs the lanes' carries in shared memory, which one tile always leaves room for.
+inline bool uniform_rows(const Params& p, int P, int K, int elem) {
+  const int w = p.width;
+  auto wide = [&](int bytes) { return w * bytes % std::min(16, K * bytes) == 0; };
+  return K >= 4 && P * w <= 32 * K && w % K == 0 && wide(elem) && wide((int)sizeof(float)) && w % 4 == 0 &&
+         p.dstate % kWarpsPerBlock == 0;
+}
+
+// Channels per warp (v6, v7, v14): P = 4 when a row fits in 8 lanes of K <= 8 columns (width <= 64), P = 2 when it
+// fits in 16 (width <= 128), as long as the P channels stay inside one batch and one B/C group and the grid keeps
+// enough blocks: the forward (two blocks per SM) at least 512, the backward (one block per SM) at least 15/16 of
+// the SMs, so that at batch 1 (256 channels: 128 blocks at P = 2 on 132 SMs) only the backward packs. (Until v14,
+// P = 4 only for K <= 2, P = 2 for K <= 4, and the backward as the forward. Measured with kernel_ab, bf16 fwd+bwd:
+// packing at K = 8, 64x192x56x56 9.13 -> 7.93 ms, 4x256x100x100 2.90 -> 2.70; the backward alone at 128 blocks,
+// 1x256x120x120 0.96 -> 0.80, 1x256x64x64 0.31 -> 0.25, 1x256x100x100 0.78 -> 0.72; at 64 blocks it was slower.
+// Rows of 17-32 columns: 4 per warp (K = 4) made the forward faster, 64x192x24x24 0.57 -> 0.43 ms, and the backward
+// slower than 2 per warp (K = 2), 1.52 -> 1.59, so the backward keeps 2 there.)
+// v15: one channel per warp when that gives uniform rows and packing does not (a row of 100 columns is not a
+// multiple of K = 8 packed, and is of K = 4 alone): 1x256x100x100 bf16 0.69 -> 0.55 ms, 16x256x100x100 9.79 -> 8.29.
+inline Plan plan_of(const Params& p, bool fwd, int elem) {
+  static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const long channels = (long)p.batch * p.dim;
+  const int per_group = p.dim / p.groups;
+  auto enough = [&](int P) { return fwd ? channels / P >= 512 : channels / P * 16 >= (long)sms * 15; };
+  const bool four = fwd || p.width <= 16 || p.width > 32;
+  int P = 1;
+  if (p.width <= 64 && four && per_group % 4 == 0 && enough(4)) P = 4;
+  else if (p.width <= 128 && per_group % 2 == 0 && enough(2)) P = 2;
+  Plan plan{P, cols_per_lane(P * p.width), false};
+  plan.uniform = uniform_rows(p, P, plan.K, elem);
+  if (P > 1 && !plan.uniform && uniform_rows(p, 1, cols_per_lane(p.width), elem))
+    plan = Plan{1, cols_per_lane(p.width), true};
+  return plan;
+}
 
 // One launcher pair per input dtype, each compiled in its own translation unit (they build in parallel).
 void scan2d_fwd_f32(const Params& p, cudaStream_t stream);
