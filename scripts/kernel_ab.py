@@ -1,10 +1,11 @@
 """A/B timing of 2D-scan kernel variants, without torch's extension build.
 
-A variant is the bf16 launchers of an ops/csrc tree (this checkout's, or a copy with edits), optionally with -D
-flags, compiled by nvcc into a shared library with C entry points; `run` loads variants with ctypes, times their
-forward and backward kernels on the same inputs in interleaved rounds and checks each against the first.
+A variant is the launchers of one dtype (bf16 unless --dtype) of an ops/csrc tree (this checkout's, or a copy with
+edits), optionally with -D flags, compiled by nvcc into a shared library with C entry points; `run` loads variants
+with ctypes (all of one dtype), times their forward and backward kernels on the same inputs in interleaved rounds
+and checks each against the first.
 
-    python scripts/kernel_ab.py build NAME [--src DIR] [-D FLAG ...]     # -> build/kernel_ab/lib_NAME.so
+    python scripts/kernel_ab.py build NAME [--src DIR] [-D FLAG ...] [--dtype float32]  # -> build/kernel_ab/lib_NAME.so
     python scripts/kernel_ab.py run NAME [NAME ...] [--shape B D N H W ...] [--reps 30] [--rounds 2]
 
 Builds need nvcc only (sm_90; a few seconds each, no GPU); runs need a GPU and no build there: carry
@@ -25,13 +26,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_scan
 OUT = ROOT / "build" / "kernel_ab"
 SHAPES = [(1, 256, 16, 200, 200), (1, 256, 16, 100, 100), (64, 384, 16, 14, 14), (64, 192, 16, 56, 56)]
-CAPI = """// C entry points to the bf16 scan launchers (scripts/kernel_ab.py).
+SUFFIX = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}  # torch dtype name -> launcher suffix
+CAPI = """// C entry points to the {dtype} scan launchers (scripts/kernel_ab.py).
 #include "scan_params.h"
-extern "C" {
-void ab_fwd(const scan::Params* p, cudaStream_t s) { scan::scan2d_fwd_bf16(*p, s); }
-void ab_bwd(const scan::Params* p, cudaStream_t s) { scan::scan2d_bwd_bf16(*p, s); }
-unsigned long ab_params_size() { return sizeof(scan::Params); }
-}
+extern "C" {{
+void ab_fwd(const scan::Params* p, cudaStream_t s) {{ scan::scan2d_fwd_{suffix}(*p, s); }}
+void ab_bwd(const scan::Params* p, cudaStream_t s) {{ scan::scan2d_bwd_{suffix}(*p, s); }}
+unsigned long ab_params_size() {{ return sizeof(scan::Params); }}
+const char* ab_dtype() {{ return "{dtype}"; }}
+}}
 """
 _PTR = "u delta B C A delta_bias D z out ypre ckpt carry dout du ddelta dz dA dB dC dD dbias hbuf gbuf"
 OUTPUTS = ("out", "ypre", "du", "ddelta", "dz", "dA", "dB", "dC", "dD", "dbias")
@@ -45,16 +48,16 @@ class Params(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in _PTR.split()] + [("lane_carries", ctypes.c_bool)])
 
 
-def build(name: str, src: Path, defines: list[str]) -> Path:
+def build(name: str, src: Path, defines: list[str], dtype: str = "bfloat16") -> Path:
     from ops.build import cuda_home
 
     OUT.mkdir(parents=True, exist_ok=True)
-    capi = OUT / "capi.cu"
-    capi.write_text(CAPI)
+    capi = OUT / f"capi_{SUFFIX[dtype]}.cu"
+    capi.write_text(CAPI.format(dtype=dtype, suffix=SUFFIX[dtype]))
     lib = OUT / f"lib_{name}.so"
     cmd = [str(cuda_home() / "bin" / "nvcc"), "-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
            "--expt-relaxed-constexpr", "-arch=sm_90", "-Xptxas=-warn-spills", "-Xcompiler", "-fPIC", "-shared",
-           f"-I{src}", *(f"-D{d}" for d in defines), str(capi), str(src / "scan2d_bf16.cu"), "-o", str(lib)]
+           f"-I{src}", *(f"-D{d}" for d in defines), str(capi), str(src / f"scan2d_{SUFFIX[dtype]}.cu"), "-o", str(lib)]
     subprocess.run(cmd, check=True)
     return lib
 
@@ -62,13 +65,14 @@ def build(name: str, src: Path, defines: list[str]) -> Path:
 def load(name: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(OUT / f"lib_{name}.so"))
     lib.ab_params_size.restype = ctypes.c_ulong
+    lib.ab_dtype.restype = ctypes.c_char_p
     if lib.ab_params_size() != ctypes.sizeof(Params):
         raise RuntimeError(f"lib_{name}.so: scan::Params is {lib.ab_params_size()} bytes, the ctypes mirror "
                            f"{ctypes.sizeof(Params)}: update Params in {__file__}")
     return lib
 
 
-def setup(batch: int, d: int, n: int, H: int, W: int):
+def setup(batch: int, d: int, n: int, H: int, W: int, dtype: str):
     """Inputs, outputs and scratch as the binding allocates them (scratch sized for any K), and their Params."""
     import torch
 
@@ -76,9 +80,10 @@ def setup(batch: int, d: int, n: int, H: int, W: int):
 
     torch.manual_seed(0)
     L = H * W
-    t = {k: v.detach() for k, v in make(batch, d, n, L, torch.bfloat16).items()}
+    dt = getattr(torch, dtype)
+    t = {k: v.detach() for k, v in make(batch, d, n, L, dt).items()}
     t.update(B=t["B"].unsqueeze(1).contiguous(), C=t["C"].unsqueeze(1).contiguous(),  # one B/C group
-             dout=torch.randn(batch, d, L, device="cuda").to(torch.bfloat16))
+             dout=torch.randn(batch, d, L, device="cuda").to(dt))
     strip = min(8, H)
     n_strips = (H + strip - 1) // strip
 
@@ -101,6 +106,11 @@ def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
     import torch
 
     libs = {name: load(name) for name in names}
+    dtypes = {lib.ab_dtype().decode() for lib in libs.values()}
+    if len(dtypes) > 1:
+        raise SystemExit(f"variants of different dtypes: {sorted(dtypes)}")
+    (dtype,) = dtypes
+    print(f"dtype {dtype}", flush=True)
 
     def stream() -> ctypes.c_void_p:
         return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
@@ -127,7 +137,7 @@ def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
         return statistics.median(times)
 
     for shape in shapes:
-        p, t = setup(*shape)
+        p, t = setup(*shape, dtype)
         first = outputs(libs[names[0]], p, t)
         fwd = {name: [] for name in names}
         bwd = {name: [] for name in names}
@@ -150,6 +160,7 @@ def main() -> None:
     b.add_argument("name")
     b.add_argument("--src", type=Path, default=ROOT / "ops" / "csrc", help="an ops/csrc tree (default: this one)")
     b.add_argument("-D", dest="defines", action="append", default=[], help="a preprocessor definition")
+    b.add_argument("--dtype", default="bfloat16", choices=sorted(SUFFIX), help="the launchers' input dtype")
     r = sub.add_parser("run", help="time variants (GPU)")
     r.add_argument("names", nargs="+")
     r.add_argument("--shape", type=int, nargs=5, action="append", metavar=("B", "D", "N", "H", "W"))
@@ -157,7 +168,7 @@ def main() -> None:
     r.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if args.cmd == "build":
-        print(build(args.name, args.src.resolve(), args.defines))
+        print(build(args.name, args.src.resolve(), args.defines, args.dtype))
     else:
         run(args.names, [tuple(s) for s in args.shape] if args.shape else SHAPES, args.reps, args.rounds)
 

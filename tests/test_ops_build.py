@@ -85,7 +85,8 @@ def test_kernel_ab_variant_builds_with_the_params_layout_of_its_mirror():
     sys.path.insert(0, str(ROOT / "scripts"))
     import kernel_ab
 
-    lib_path = kernel_ab.build("test", ROOT / "ops" / "csrc", ["SCAN_AB_TEST=1"])
+    lib_path = kernel_ab.build("test", ROOT / "ops" / "csrc", ["SCAN_AB_TEST=1"], "float32")
     assert lib_path.exists()
     lib = kernel_ab.load("test")
     assert lib.ab_params_size() == kernel_ab.ctypes.sizeof(kernel_ab.Params)
+    assert lib.ab_dtype() == b"float32"
