@@ -60,8 +60,8 @@ struct Plan {
 inline bool uniform_rows(const Params& p, int P, int K, int elem) {
   const int w = p.width;
   auto wide = [&](int bytes) { return w * bytes % std::min(16, K * bytes) == 0; };
-  return K >= 4 && P * w <= 32 * K && w % K == 0 && wide(elem) && wide((int)sizeof(float)) && w % 4 == 0 &&
-         p.dstate % kWarpsPerBlock == 0;
+  return K >= 4 && P * w <= 32 * K && w % K == 0 && wide(elem) && wide((int)sizeof(float)) &&
+         p.dstate % kWarpsPerBlock == 0;  // (w % K == 0 at K >= 4 also keeps the dB/dC rows 16-byte aligned)
 }
 
 // Channels per warp (v6, v7, v14): P = 4 when a row fits in 8 lanes of K <= 8 columns (width <= 64), P = 2 when it
