@@ -42,6 +42,26 @@ def test_cuda_sources_compile_and_load():
 
 
 @pytest.mark.skipif(not _have_nvcc() and not NVCC_REQUIRED, reason="no CUDA toolkit (nvcc) on this machine")
+def test_scan_plan_rejects_bad_sizes_with_a_message():
+    """scan_plan's arguments are plain ints: groups = 0 would divide by zero in the process, not raise."""
+    code = """from ops import build
+m = build.load()
+for args in [(1, 4, 16, 0, 8, 8, 2), (1, 6, 16, 4, 8, 8, 2), (1, 4, 16, 1, 0, 8, 2), (1, 4, 16, 1, 8, 8, 8)]:
+    try:
+        m.scan_plan(*args, True)
+    except RuntimeError as e:
+        print(str(e).splitlines()[0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"})
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("wsi_pipeline scan: scan_plan: ") for line in lines), out.stdout
+    assert "groups 0" in lines[0] and "not a multiple of the 4 groups" in lines[1] and "0x8" in lines[2]
+    assert "itemsize must be 2" in lines[3]
+
+
+@pytest.mark.skipif(not _have_nvcc() and not NVCC_REQUIRED, reason="no CUDA toolkit (nvcc) on this machine")
 def test_cuda_home_follows_a_wrapper_script(tmp_path, monkeypatch):
     real = shutil.which("nvcc")
     assert real is not None, "nvcc is not on PATH"

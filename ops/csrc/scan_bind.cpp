@@ -315,6 +315,11 @@ namespace scan {
 // lane, uniform-rows kernels). For tests and benchmarks, which check that a shape takes the path they mean.
 std::tuple<int64_t, int64_t, bool> plan(int64_t batch, int64_t dim, int64_t dstate, int64_t groups, int64_t height,
                                         int64_t width, int64_t itemsize, bool forward) {
+  SCAN_CHECK(batch >= 1 && dim >= 1 && dstate >= 1 && groups >= 1 && height >= 1 && width >= 1,
+             "scan_plan: sizes must be positive, got batch ", batch, ", dim ", dim, ", dstate ", dstate, ", groups ",
+             groups, ", ", height, "x", width);
+  SCAN_CHECK(dim % groups == 0, "scan_plan: dim ", dim, " is not a multiple of the ", groups, " groups of B/C");
+  SCAN_CHECK(itemsize == 2 || itemsize == 4, "scan_plan: itemsize must be 2 (fp16/bf16) or 4 (fp32), got ", itemsize);
   Params p{};
   p.batch = batch, p.dim = dim, p.dstate = dstate, p.groups = groups, p.height = height, p.width = width;
   const Plan q = plan_of(p, forward, itemsize);
