@@ -25,6 +25,8 @@
 // (two windows), so a drain reads its window's factors while the next window is staged.
 // Uniform rows (v15, kU): when every row is one tile, a multiple of K wide and suited to the wide loads, and every
 // block has all its warps, both kernels take a form without the per-step branches for the other cases.
+// Whole-sector atomics (v16): there, at K = 8 and one channel per warp, lane pairs trade halves of their dB and dC
+// values before the 16-byte atomics, so that each atomic instruction of a warp adds whole 32-byte sectors.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -269,17 +271,21 @@ __device__ __forceinline__ float warp_scan_rev_in(float a, float b, float& carry
 }
 
 // Adds vals to out[l0 .. l0+K) (K consecutive columns, the first `valid` of them inside the row), with 16-byte
-// atomics where the row layout keeps them aligned (vec4), else one float at a time.
+// atomics where the row layout keeps them aligned (vec4), else one float at a time. `halves`: K = 8 values
+// rearranged by pair_halves, whose offsets it is (then vec4).
 template <int K>
-__device__ __forceinline__ void atomic_add_row(float* out, long l0, int valid, const float (&vals)[K], bool vec4) {
+__device__ __forceinline__ void atomic_add_row(float* out, long l0, int valid, const float (&vals)[K], bool vec4,
+                                               int2 halves = make_int2(0, 4)) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (K >= 4) {
     if (vec4) {
 #pragma unroll
-      for (int q = 0; q < K / 4; ++q)
-        if (4 * q < valid)
-          atomicAdd(reinterpret_cast<float4*>(out + l0 + 4 * q),
+      for (int q = 0; q < K / 4; ++q) {
+        const int off = K == 8 ? (q == 0 ? halves.x : halves.y) : 4 * q;
+        if (off < valid)
+          atomicAdd(reinterpret_cast<float4*>(out + l0 + off),
                     make_float4(vals[4 * q], vals[4 * q + 1], vals[4 * q + 2], vals[4 * q + 3]));
+      }
       return;
     }
   }
@@ -287,6 +293,23 @@ __device__ __forceinline__ void atomic_add_row(float* out, long l0, int valid, c
 #pragma unroll
   for (int k = 0; k < K; ++k)
     if (k < valid) atomicAdd(out + l0 + k, vals[k]);
+}
+
+// The 16-byte atomics of a K = 8 lane: with its 8 columns as two 16-byte halves, each atomic instruction of a warp
+// would add half-sectors at a 32-byte stride (two L2 transactions per 32-byte sector, one per instruction). Lane pairs
+// (2m, 2m+1) trade halves first (one shuffle per value) so that the lane's first half goes to the pair's first 8
+// columns (even lane: its own first half; odd lane: the even lane's second half) and its second half to the pair's
+// last 8: then each instruction fills whole sectors. Returns the columns' offsets from the lane's own first column.
+// Called by every lane of the warp.
+__device__ __forceinline__ int2 pair_halves(float (&v)[8]) {
+  const bool odd = threadIdx.x & 1;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float lo = __shfl_xor_sync(kFull, v[q], 1), hi = __shfl_xor_sync(kFull, v[4 + q], 1);
+    if (odd) v[q] = hi;
+    else v[4 + q] = lo;
+  }
+  return odd ? make_int2(-4, 4) : make_int2(0, 8);
 }
 
 // K consecutive floats of shared memory (16-byte aligned when K >= 4) into / from registers.
@@ -753,9 +776,17 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
             vC[k] += __shfl_down_sync(kFull, vC[k], off);
           }
         }
+        // v16: whole-sector atomics at K = 8 (200x200 bf16 backward 1.48 -> 1.33 ms). Not in the general kernels (20
+        // more bytes of spills, 132x132 bf16 4.6% slower) nor with packed channels, where only the first segment's
+        // lanes add (64x192x56x56 bf16 2.3% slower).
+        int2 halves = make_int2(0, 4);
+        if constexpr (K == 8 && kU && P == 1) {
+          halves = pair_halves(vB);
+          pair_halves(vC);
+        }
         if (active && ch.seg == 0) {
-          atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4);
-          atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4);
+          atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4, halves);
+          atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4, halves);
         }
       };
       windows(nsteps, stage, step, drain);
