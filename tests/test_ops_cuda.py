@@ -236,3 +236,18 @@ def test_lattice_conv_silu_falls_back_for_sizes_without_a_kernel():
     for weight in (torch.randn(2, 1, 9, 9, device="cuda"), torch.randn(2, 1, 3, 3, device="cuda").double()):
         got = ops.lattice_conv_silu(x.to(weight.dtype), weight, None, height=5, width=6)
         torch.testing.assert_close(got, ops.lattice_conv_silu_ref(x.to(weight.dtype), weight, None, height=5, width=6))
+
+
+def test_bad_inputs_to_the_bindings_raise_their_message():
+    """The bindings' checks end in a RuntimeError with sizes in the message (on the H100/H200 machine's torch 2.11,
+    sizes formatted through std::ostream in extension code crashed the process instead)."""
+    ext = selective_scan.extension()
+    u = torch.zeros(1, 4, 64, device="cuda")
+    B = torch.zeros(1, 1, 16, 64, device="cuda")
+    with pytest.raises(RuntimeError, match=r"delta \[1, 4, 63\] must match u \[1, 4, 64\]"):
+        ext.scan2d_fwd(u, u[..., :63].contiguous(), torch.zeros(4, 16, device="cuda"), B, B, None, None, None, False,
+                       8, 8, selective_scan.STRIP)
+    with pytest.raises(RuntimeError, match=r"got \[4, 1, 2, 2\]"):
+        ext.lattice_conv_fwd(u, torch.zeros(4, 1, 2, 2, device="cuda"), None, 8, 8)
+    with pytest.raises(RuntimeError, match="height\\*width = 8\\*9 must equal L = 64"):
+        ext.lattice_conv_fwd(u, torch.zeros(4, 1, 3, 3, device="cuda"), None, 8, 9)

@@ -12,12 +12,23 @@
 
 namespace {
 
+// Numbers and sizes in the checks' messages go in as std::to_string text, never through std::ostream: on the device
+// machine's torch 2.11 build, an integer written to a std::ostringstream by extension code (a minimal load_inline
+// module too) crashes the process, so a bad input would end in a segfault instead of its message.
+std::string txt(int64_t v) { return std::to_string(v); }
+std::string txt(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+const char* txt(at::ScalarType t) { return c10::toString(t); }
+
 #define SCAN_CHECK(cond, ...) TORCH_CHECK(cond, "wsi_pipeline scan: ", __VA_ARGS__)
 
 void check_input(const torch::Tensor& t, const char* name, at::ScalarType dtype) {
   SCAN_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
   SCAN_CHECK(t.is_contiguous(), name, " must be contiguous");
-  SCAN_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  SCAN_CHECK(t.scalar_type() == dtype, name, " has dtype ", txt(t.scalar_type()), ", expected ", txt(dtype));
 }
 
 struct Shape {
@@ -32,9 +43,10 @@ Shape shape_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::
   check_input(A, "A", at::kFloat);
   check_input(B, "B", u.scalar_type());
   check_input(C, "C", u.scalar_type());
-  SCAN_CHECK(u.dim() == 3 && B.dim() == 4 && C.sizes() == B.sizes(), "bad ranks: u ", u.sizes(), ", B ", B.sizes());
-  SCAN_CHECK(height >= 1 && width >= 1 && height * width == u.size(2), "height*width must equal L = ", u.size(2));
-  SCAN_CHECK(delta.sizes() == u.sizes(), "delta ", delta.sizes(), " must match u ", u.sizes());
+  SCAN_CHECK(u.dim() == 3 && B.dim() == 4 && C.sizes() == B.sizes(), "bad ranks: u ", txt(u.sizes()), ", B ",
+             txt(B.sizes()));
+  SCAN_CHECK(height >= 1 && width >= 1 && height * width == u.size(2), "height*width must equal L = ", txt(u.size(2)));
+  SCAN_CHECK(delta.sizes() == u.sizes(), "delta ", txt(delta.sizes()), " must match u ", txt(u.sizes()));
   Shape s{};
   s.batch = u.size(0);
   s.dim = u.size(1);
@@ -43,9 +55,9 @@ Shape shape_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::
   s.height = height;
   s.width = width;
   SCAN_CHECK(A.size(0) == s.dim && B.size(0) == s.batch && B.size(2) == s.dstate && B.size(3) == u.size(2),
-        "A ", A.sizes(), " / B ", B.sizes(), " do not fit u ", u.sizes());
-  SCAN_CHECK(s.dim % s.groups == 0, "dim ", s.dim, " is not a multiple of the ", s.groups, " groups of B/C");
-  SCAN_CHECK(strip == scan::kStrip, "strip must be ", scan::kStrip, ", got ", strip);
+        "A ", txt(A.sizes()), " / B ", txt(B.sizes()), " do not fit u ", txt(u.sizes()));
+  SCAN_CHECK(s.dim % s.groups == 0, "dim ", txt(s.dim), " is not a multiple of the ", txt(s.groups), " groups of B/C");
+  SCAN_CHECK(strip == scan::kStrip, "strip must be ", txt(scan::kStrip), ", got ", txt(strip));
   s.strip = std::min<int64_t>(strip, height);
   s.n_strips = (s.height + s.strip - 1) / s.strip;
   const int tile = 32 * scan::cols_per_lane(width);
@@ -66,17 +78,17 @@ scan::Params params_of(const Shape& s, const torch::Tensor& u, const torch::Tens
   p.A = A.data_ptr<float>();
   if (bias.has_value()) {
     check_input(*bias, "delta_bias", at::kFloat);
-    SCAN_CHECK(bias->numel() == s.dim, "delta_bias must have dim = ", s.dim, " values");
+    SCAN_CHECK(bias->numel() == s.dim, "delta_bias must have dim = ", txt(s.dim), " values");
     p.delta_bias = bias->data_ptr<float>();
   }
   if (D.has_value()) {
     check_input(*D, "D", at::kFloat);
-    SCAN_CHECK(D->numel() == s.dim, "D must have dim = ", s.dim, " values");
+    SCAN_CHECK(D->numel() == s.dim, "D must have dim = ", txt(s.dim), " values");
     p.D = D->data_ptr<float>();
   }
   if (z.has_value()) {
     check_input(*z, "z", u.scalar_type());
-    SCAN_CHECK(z->sizes() == u.sizes(), "z ", z->sizes(), " must match u ", u.sizes());
+    SCAN_CHECK(z->sizes() == u.sizes(), "z ", txt(z->sizes()), " must match u ", txt(u.sizes()));
     p.z = z->data_ptr();
   }
   return p;
@@ -94,7 +106,7 @@ Launchers pick(at::ScalarType dtype) {
     case at::kFloat: return {scan::scan2d_fwd_f32, scan::scan2d_bwd_f32, scan::scan2d_finish_f32};
     case at::kHalf: return {scan::scan2d_fwd_f16, scan::scan2d_bwd_f16, scan::scan2d_finish_f16};
     case at::kBFloat16: return {scan::scan2d_fwd_bf16, scan::scan2d_bwd_bf16, scan::scan2d_finish_bf16};
-    default: TORCH_CHECK(false, "wsi_pipeline scan: unsupported dtype ", dtype);
+    default: TORCH_CHECK(false, "wsi_pipeline scan: unsupported dtype ", txt(dtype));
   }
 }
 
@@ -141,7 +153,7 @@ std::vector<torch::Tensor> scan2d_bwd(torch::Tensor u, torch::Tensor delta, torc
                                       c10::optional<torch::Tensor> ypre, torch::Tensor dout) {
   const Shape s = shape_of(u, delta, A, B, C, height, width, strip);
   check_input(dout, "dout", u.scalar_type());
-  SCAN_CHECK(dout.sizes() == u.sizes(), "dout ", dout.sizes(), " must match u ", u.sizes());
+  SCAN_CHECK(dout.sizes() == u.sizes(), "dout ", txt(dout.sizes()), " must match u ", txt(u.sizes()));
   const c10::cuda::CUDAGuard guard(u.device());
   scan::Params p = params_of(s, u, delta, A, B, C, D, z, delta_bias, softplus);
   auto f32 = u.options().dtype(at::kFloat);
@@ -201,7 +213,7 @@ Params params_of(const torch::Tensor& u, const torch::Tensor& dh, const torch::T
   const torch::Tensor* ts[] = {&u, &dh, &dv, &Ah, &Av, &Bh, &Bv, &C};
   for (int k = 0; k < 8; ++k) check(*ts[k], names[k]);
   TORCH_CHECK(height * width == u.size(2) && width <= 1024, "wavefront_scan_m2d: need height*width == L and "
-              "width <= 1024, got ", height, "x", width, " for L = ", u.size(2));
+              "width <= 1024, got ", txt(height), "x", txt(width), " for L = ", txt(u.size(2)));
   TORCH_CHECK(Bh.dim() == 4 && Bv.sizes() == Bh.sizes() && C.sizes() == Bh.sizes(), "wavefront_scan_m2d: B/C");
   Params p{};
   p.dim = u.size(1), p.dstate = Ah.size(1), p.groups = Bh.size(1), p.height = height, p.width = width;
@@ -258,14 +270,15 @@ namespace {
 Params params_of(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
                  int64_t height, int64_t width) {
   TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() >= 2, "lattice_conv_silu: x must be a contiguous CUDA "
-              "tensor (..., C, L), got ", x.sizes());
+              "tensor (..., C, L), got ", txt(x.sizes()));
   TORCH_CHECK(height >= 1 && width >= 1 && height * width == x.size(-1), "lattice_conv_silu: height*width = ",
-              height, "*", width, " must equal L = ", x.size(-1));
+              txt(height), "*", txt(width), " must equal L = ", txt(x.size(-1)));
   TORCH_CHECK(w.is_cuda() && w.is_contiguous() && w.scalar_type() == at::kFloat && w.dim() == 4 &&
               w.size(0) == x.size(-2) && w.size(1) == 1 && w.size(2) == w.size(3) && supported(w.size(2)),
-              "lattice_conv_silu: weight must be fp32 (C, 1, k, k) with k in 1, 3, 5, 7, got ", w.sizes());
+              "lattice_conv_silu: weight must be fp32 (C, 1, k, k) with k in 1, 3, 5, 7, got ", txt(w.sizes()));
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "lattice_conv_silu: dtype ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "lattice_conv_silu: dtype ",
+              txt(dtype));
   Params p{};
   p.channels = x.numel() / x.size(-1), p.dim = x.size(-2), p.height = height, p.width = width, p.kernel = w.size(2);
   p.dtype = dtype == at::kFloat ? DType::kF32 : dtype == at::kHalf ? DType::kF16 : DType::kBF16;
@@ -316,10 +329,12 @@ namespace scan {
 std::tuple<int64_t, int64_t, bool> plan(int64_t batch, int64_t dim, int64_t dstate, int64_t groups, int64_t height,
                                         int64_t width, int64_t itemsize, bool forward) {
   SCAN_CHECK(batch >= 1 && dim >= 1 && dstate >= 1 && groups >= 1 && height >= 1 && width >= 1,
-             "scan_plan: sizes must be positive, got batch ", batch, ", dim ", dim, ", dstate ", dstate, ", groups ",
-             groups, ", ", height, "x", width);
-  SCAN_CHECK(dim % groups == 0, "scan_plan: dim ", dim, " is not a multiple of the ", groups, " groups of B/C");
-  SCAN_CHECK(itemsize == 2 || itemsize == 4, "scan_plan: itemsize must be 2 (fp16/bf16) or 4 (fp32), got ", itemsize);
+             "scan_plan: sizes must be positive, got batch ", txt(batch), ", dim ", txt(dim), ", dstate ", txt(dstate),
+             ", groups ", txt(groups), ", ", txt(height), "x", txt(width));
+  SCAN_CHECK(dim % groups == 0, "scan_plan: dim ", txt(dim), " is not a multiple of the ", txt(groups),
+             " groups of B/C");
+  SCAN_CHECK(itemsize == 2 || itemsize == 4, "scan_plan: itemsize must be 2 (fp16/bf16) or 4 (fp32), got ",
+             txt(itemsize));
   Params p{};
   p.batch = batch, p.dim = dim, p.dstate = dstate, p.groups = groups, p.height = height, p.width = width;
   const Plan q = plan_of(p, forward, itemsize);
