@@ -5,11 +5,14 @@
     python scripts/bench_train.py --models mamba2d,abmil --profile          # + torch.profiler tables
 
 Every model is built from its configs/model/<name>.yaml (the trainer's defaults), trained on the same slide in
-one process, bf16 autocast on CUDA as in the trainer. The features sit on the device already (the step only);
-the grid stays on the host, as the trainer passes it. The models' steps run in interleaved rounds: the steps
-are bound by the host issuing kernels, and the host's speed drifts between runs.
+one process, bf16 autocast on CUDA as in the trainer. A model's host work on the grid (`grid_prep`: 2DMambaMIL's
+lattice, MambaMIL's scan orders) is done by the trainer's data loader workers as they read a slide, so it is done
+once here, outside the step, and its host time printed on its own (grid_prep). The features sit on the device
+already (the step only); the grid stays on the host, as the trainer passes it. The models' steps run in
+interleaved rounds: the steps are bound by the host issuing kernels, and the host's speed drifts between runs.
 Prints one line per model (median and min ms per step; host: ms until the host had issued the step, a step
-whose host time is near its total is bound by the host) and, with --json, writes the numbers.
+whose host time is near its total is bound by the host, and the medians of its forward, backward and optimiser
+shares) and, with --json, writes the numbers.
 """
 from __future__ import annotations
 
@@ -39,37 +42,61 @@ def model_config(name: str) -> dict:
     return cfg
 
 
-def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor, amp: bool) -> Callable[[], None]:
-    """One training step of `name` (forward, loss, backward, AdamW) on the slide, as the trainer runs it."""
+def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor, amp: bool) -> Callable[[], tuple[float, float]]:
+    """One training step of `name` (forward, loss, backward, AdamW) on the slide, as the trainer runs it: with the
+    model's `grid_prep` done beforehand, as the trainer's data loader does it. The step returns the perf_counter times
+    at which the host had issued the forward (and loss) and the backward."""
     device = feats.device
     torch.manual_seed(0)
     model = create_model(name, in_dim=feats.shape[1], n_classes=2, **model_config(name)).to(device)
     optimizer = make_optimizer(model.parameters(), lr=1e-4)
     label = torch.tensor([1], device=device)
     cuda = device.type == "cuda"
+    # the model's host work on the grid, which the trainer's data loader workers do as they read the slide
+    prepared = model.grid_prep(grid) if model.grid_prep is not None else None
 
-    def step() -> None:
+    def step() -> tuple[float, float]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):
-            logits = model(feats, grid).logits
+            logits = model(feats, grid, prepared).logits
         loss = torch.nn.functional.cross_entropy(logits.float()[None], label)
+        forward = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        backward = time.perf_counter()
         optimizer.step()
+        return forward, backward
 
     return step
 
 
-def timed_steps(step: Callable[[], None], n: int, cuda: bool) -> list[tuple[float, float]]:
-    """(ms of each of n steps, each waited for; ms until the host had issued it all), per step."""
+def timed_steps(step: Callable[[], tuple[float, float]], n: int, cuda: bool) -> list[tuple[float, ...]]:
+    """Per step of n, each waited for, in ms: the step; until the host had issued it all; the host's issue of the
+    forward (with the loss), of the backward, of the optimiser."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        step()
+        forward, backward = step()
         issued = time.perf_counter()
         if cuda:
             torch.cuda.synchronize()
-        times.append(((time.perf_counter() - start) * 1e3, (issued - start) * 1e3))
+        end = time.perf_counter()
+        times.append(tuple(1e3 * x for x in (end - start, issued - start, forward - start, backward - forward,
+                                             issued - backward)))
     return times
+
+
+def grid_prep_ms(name: str, grid: torch.Tensor, n: int = 50) -> float:
+    """Median host ms of the model's `grid_prep` on the slide's grid (0 without one): the work the trainer's data
+    loader does per slide read, in its worker processes by default (train.workers)."""
+    model = create_model(name, in_dim=8, n_classes=2, **model_config(name))
+    if model.grid_prep is None:
+        return 0.0
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        model.grid_prep(grid)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def bench_models(names: list[str], feats: torch.Tensor, grid: torch.Tensor, steps: int, warmup: int, amp: bool,
@@ -88,9 +115,10 @@ def bench_models(names: list[str], feats: torch.Tensor, grid: torch.Tensor, step
     for r in range(rounds):
         for name in names:
             times[name] += timed_steps(models[name], steps // rounds + (r < steps % rounds), cuda)
-    return [{"model": name, "ms_per_step": statistics.median(t for t, _ in times[name]),
-             "ms_min": min(t for t, _ in times[name]), "host_ms": statistics.median(h for _, h in times[name]),
-             "peak_mib": peaks[name]} for name in names]
+    keys = ("ms_per_step", "host_ms", "host_forward_ms", "host_backward_ms", "host_optimizer_ms")
+    return [{**{key: statistics.median(t[k] for t in times[name]) for k, key in enumerate(keys)},
+             "model": name, "ms_min": min(t[0] for t in times[name]), "peak_mib": peaks[name],
+             "grid_prep_ms": grid_prep_ms(name, grid)} for name in names]
 
 
 def profile_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, amp: bool, rows: int,
@@ -152,8 +180,10 @@ def main() -> None:
     base = next((r["ms_per_step"] for r in results if r["model"] == "abmil"), None)
     for r in results:
         ratio = f"{r['ms_per_step'] / base:5.2f}x ABMIL" if base else ""
-        print(f"{r['model']:>16}: {r['ms_per_step']:9.2f} ms/step (min {r['ms_min']:.2f}, host {r['host_ms']:.2f})  "
-              f"peak {r['peak_mib']:8.1f} MiB  {ratio}")
+        print(f"{r['model']:>16}: {r['ms_per_step']:9.2f} ms/step (min {r['ms_min']:.2f}, host {r['host_ms']:.2f} = "
+              f"forward {r['host_forward_ms']:.2f} + backward {r['host_backward_ms']:.2f} + optimiser "
+              f"{r['host_optimizer_ms']:.2f})  peak {r['peak_mib']:8.1f} MiB  {ratio}  "
+              f"grid_prep {r['grid_prep_ms']:.2f} ms")
     if args.profile:
         for name in args.models.split(","):
             print(profile_model(name, feats, grid, args.profile_steps, not args.no_amp, args.profile_rows, args.trace))

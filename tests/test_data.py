@@ -8,12 +8,17 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from wsi_pipeline.data import (DataError, FeatureBags, Task, attach_features, bin_of, read_labels, read_split,
                                survival_bins)
 from wsi_pipeline.feature_grids import write_cohort
 from wsi_pipeline.h5io import read_features
+from wsi_pipeline.models import create_model
+from wsi_pipeline.models.blocks import build_lattice
 from wsi_pipeline.splits import make_splits
+from wsi_pipeline.train import _as_is
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +40,25 @@ def test_labels_are_mapped_and_bags_carry_their_grid(cohort):
     stored = read_features(labels.path[3])
     assert bag.slide_id == labels.slide_id[3] and bag.target["label"].item() == labels.label[3]
     assert np.array_equal(bag.grid.numpy(), stored.grid) and bag.features.shape == stored.features.shape
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_bags_carry_the_models_grid_prep_through_worker_processes(cohort, cache):
+    """A model's `grid_prep` runs as a bag is read (in DataLoader workers: pickled there, its lattice pickled back),
+    also on a bag cached before `prepare` was set."""
+    task = task_for(cohort)
+    labels = attach_features(read_labels(task), cohort.features)
+    model = create_model("mamba2d", in_dim=read_features(labels.path[0]).features.shape[1], n_classes=2)
+    bags = FeatureBags(labels, task, cache=cache)
+    assert bags[0].prepared is None
+    bags.prepare = model.grid_prep
+    assert bags[0].prepared is not None
+    loader = DataLoader(bags, batch_size=None, num_workers=2, collate_fn=_as_is)
+    for i, bag in enumerate(loader):
+        expected = build_lattice(torch.from_numpy(read_features(labels.path[i]).grid.astype(np.int64)), 160_000)
+        assert (bag.prepared.height, bag.prepared.width) == (expected.height, expected.width)
+        assert torch.equal(bag.prepared.cell, expected.cell)
+        assert torch.equal(bag.prepared.score_bias, expected.score_bias)
 
 
 def test_unknown_labels_are_listed(cohort, tmp_path):

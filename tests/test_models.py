@@ -1,6 +1,8 @@
 """MIL models: every registered model learns on tiny grids; 2DMambaMIL's lattice, switches and its core claim."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,20 @@ def tiny_bags(n: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tenso
         feats[:, 0] += 2.0 if i % 2 else -2.0
         bags.append((torch.from_numpy(feats), torch.from_numpy(grid), torch.tensor([i % 2])))
     return bags
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_prepared_grid_gives_what_the_model_computes_itself(name):
+    """`grid_prep` (the host work the data loader's workers do) survives pickling (to the workers and back) and
+    gives the model's own output."""
+    model = small_model(name).eval()
+    feats, grid, _ = tiny_bags()[1]
+    if model.grid_prep is None:
+        assert name in ("abmil", "transmil")
+        return
+    prepared = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(model.grid_prep))(grid)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(feats, grid, prepared).logits, model(feats, grid).logits, rtol=0, atol=0)
 
 
 def test_registry_lists_every_model_and_rejects_unknown_names():

@@ -7,8 +7,10 @@ ids. Every check here ends in a `DataError` naming the file, what is wrong and w
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -159,13 +161,20 @@ class Bag:
     features: torch.Tensor  # (N, D) float16 or float32, as stored
     grid: torch.Tensor  # (N, 2) long
     target: dict[str, torch.Tensor]
+    prepared: Any = None  # the model's `grid_prep` of grid, when the bags were given one
 
 
 class FeatureBags(Dataset):
-    """The slides of one split, read from their feature files on access (`cache=True` keeps them in memory)."""
+    """The slides of one split, read from their feature files on access (`cache=True` keeps them in memory).
 
-    def __init__(self, frame: pd.DataFrame, task: Task, bins: np.ndarray | None = None, cache: bool = False):
+    `prepare` (a model's `grid_prep`, see wsi_pipeline.models): run on each slide's grid as it is read, in the data
+    loader's worker processes when there are any, so that the training step does not wait for the model's host work.
+    """
+
+    def __init__(self, frame: pd.DataFrame, task: Task, bins: np.ndarray | None = None, cache: bool = False,
+                 prepare: Callable[[torch.Tensor], Any] | None = None):
         self.frame, self.task, self.bins, self.cache = frame.reset_index(drop=True), task, bins, cache
+        self.prepare = prepare
         self._memory: dict[int, Bag] = {}
 
     def __len__(self) -> int:
@@ -178,8 +187,12 @@ class FeatureBags(Dataset):
                 "censorship": torch.tensor(float(row.censorship))}
 
     def __getitem__(self, i: int) -> Bag:
-        if i in self._memory:
-            return self._memory[i]
+        bag = self._memory.get(i) or self._read(i)
+        if bag.prepared is None and self.prepare is not None:  # (a bag cached before `prepare` was set, too)
+            bag.prepared = self.prepare(bag.grid)
+        return bag
+
+    def _read(self, i: int) -> Bag:
         row = self.frame.iloc[i]
         grid = read_features(row.path)
         # Features keep their stored dtype (float16 halves the host-to-GPU copy); the trainer casts on the device.

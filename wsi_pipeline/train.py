@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -102,8 +102,9 @@ def _autocast(settings: TrainSettings) -> contextlib.AbstractContextManager:
 
 def _forward(model: torch.nn.Module, bag: Bag, settings: TrainSettings):
     with _autocast(settings):
-        # the grid stays on the host: models derive their lattice shapes from it without a device sync
-        return model(bag.features.to(settings.device).float(), bag.grid)
+        # the grid stays on the host: models derive their lattice shapes from it without a device sync; what they
+        # derive on the host (`grid_prep`) the data loader's workers have prepared
+        return model(bag.features.to(settings.device).float(), bag.grid, bag.prepared)
 
 
 def _bags_in(bags: FeatureBags, order: list[int], settings: TrainSettings) -> DataLoader:
@@ -138,7 +139,7 @@ def train_epoch(model, bags: FeatureBags, task: Task, optimizer, settings: Train
 
 
 def _to(bag: Bag, device: str) -> Bag:
-    return Bag(bag.slide_id, bag.case_id, bag.features, bag.grid, {k: v.to(device) for k, v in bag.target.items()})
+    return replace(bag, target={k: v.to(device) for k, v in bag.target.items()})
 
 
 @torch.no_grad()
@@ -296,6 +297,8 @@ def run_fold(cfg: DictConfig) -> dict | None:
     seed_everything(settings.seed)
     model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model = create_model(cfg.model.name, in_dim=in_dim, n_classes=task.n_outputs, **model_cfg)
+    for bags in splits.values():
+        bags.prepare = model.grid_prep
     meta = {"model": cfg.model.name, "model_cfg": model_cfg, "in_dim": in_dim, "n_classes": task.n_outputs,
             "task": task.name, "bins": None if bins is None else bins.tolist()}
     result = fit(model, splits["train"], splits["val"], task, settings, fold_dir / "model.pt", meta)

@@ -1,8 +1,13 @@
 """MIL models: a registry maps a config name to one constructor (`configs/model/<name>.yaml` ↔ one entry here).
 
-Every model takes one slide, `forward(features (N, in_dim), grid (N, 2) lattice (row, col))`, and returns a
-`MILOutput`: `logits` (n_classes,) and `attention` (N,), softmax-normalised over the slide's tissue cells.
+Every model takes one slide, `forward(features (N, in_dim), grid (N, 2) lattice (row, col), prepared=None)`, and
+returns a `MILOutput`: `logits` (n_classes,) and `attention` (N,), softmax-normalised over the slide's tissue cells.
 For survival tasks `n_classes` is the number of hazard bins (see `blocks.survival_from_logits`).
+
+A model whose geometry comes from the grid (2DMambaMIL's lattice, MambaMIL's scan orders) has a `grid_prep`: a
+picklable function of the host grid that computes it on the host. The trainer's data loader runs it in its workers,
+next to reading the slide, and passes its result as `prepared`, so the training step does not wait for it; without
+`prepared` the model runs `grid_prep` itself. Models without such host work have `grid_prep = None`.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -89,41 +89,45 @@ class Lattice:
     def occupied(self) -> torch.Tensor:
         return self.count > 0
 
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small tensor built on the host onto `device` without waiting for the device's queue: pinned memory and
-    a non-blocking copy (a pageable host-to-device copy synchronises the stream first)."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    def to(self, device: torch.device | str) -> Lattice:
+        """The lattice with its tensors on `device` (from the host: one copy that does not block)."""
+        cell, count, background, score_bias = to_device_together(
+            [self.cell, self.count, self.background, self.score_bias], torch.device(device))
+        return replace(self, cell=cell, count=count, background=background, score_bias=score_bias)
 
 
 def to_device_together(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Contiguous host tensors onto `device` in one copy (`to_device` of their bytes, one after the other; each
-    tensor's offset must suit its dtype's alignment: put the wider dtypes first), viewed back on the device."""
-    if device.type != "cuda" or all(t.device == device for t in tensors):
-        return [to_device(t, device) for t in tensors]
-    flat = to_device(torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors]), device)
-    out, start = [], 0
-    for t in tensors:
-        size = t.numel() * t.element_size()
-        out.append(flat[start:start + size].view(t.dtype).view(t.shape))
-        start += size
+    """Tensors onto `device`; host tensors onto a CUDA device in one copy that does not block: numpy writes them one
+    after the other into one pinned buffer (each offset must suit its dtype's alignment: put the wider dtypes first),
+    copied non-blocking and viewed back on the device. torch's own `cat` and `pin_memory` of a lattice's ~0.6 MB
+    took 0.5 ms per call on the H200 machine's host (their copies go through the intra-op thread pool). The pinned
+    buffer comes from torch's caching host allocator, which hands it out again only once its copy has run."""
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
+        return [t.to(device) for t in tensors]
+    arrays = [t.detach().contiguous().numpy().reshape(-1).view(np.uint8) for t in tensors]
+    flat = torch.empty(sum(a.nbytes for a in arrays), dtype=torch.uint8, pin_memory=True)
+    host, start = flat.numpy(), 0
+    for a in arrays:
+        host[start:start + a.nbytes] = a
+        start += a.nbytes
+    flat, out, start = flat.to(device, non_blocking=True), [], 0
+    for t, a in zip(tensors, arrays):
+        out.append(flat[start:start + a.nbytes].view(t.dtype).view(t.shape))
+        start += a.nbytes
     return out
 
 
-def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | None = None) -> Lattice:
+def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | str | None = None) -> Lattice:
     """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at most
     `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged); widen it with
     background on the right and at the bottom to sides the scan kernels read at full speed (`ops.aligned_width`:
     a multiple of 4 cells from 65 to 128, of 8 above) when that stays within `max_cells`. The added cells are padding like any
     other background cell, and the Mamba blocks then need no widening of their own (a copy each way).
 
-    The lattice's sides are Python ints (the scan's shape): built from a grid on the host (the trainer passes
-    it there) this costs no device synchronisation, and its tensors go to `device` in one copy that does not block.
-    Built with numpy: torch's per-op overhead on these host tensors cost 0.7 ms per call (200 x 200 lattice).
+    The lattice's sides are Python ints (the scan's shape): built from a grid on the host this costs no device
+    synchronisation, and its tensors go to `device` (default: the grid's) in one copy that does not block.
+    Built with numpy: torch's per-op overhead on these host tensors cost 0.7 ms per call (200 x 200 lattice). In
+    training, the data loader's workers build it on the host (2DMambaMIL's `grid_prep`), off the training step.
     """
     if len(grid) == 0:
         raise ValueError("a slide without patches (an empty grid) has no lattice")
@@ -143,10 +147,11 @@ def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | Non
     cell = (r * width + c).astype(np.int32)
     count = np.bincount(cell, minlength=height * width).astype(np.int32)
     empty = count == 0
-    tensors = [torch.from_numpy(a) for a in (cell, count, empty.astype(np.float32),
-                                             np.where(empty, -np.inf, 0).astype(np.float32))]
-    tensors = to_device_together(tensors, grid.device if device is None else torch.device(device))
-    return Lattice(*tensors, height, width, stride, merged=bool(count.max() > 1))
+    score_bias = np.zeros(len(count), np.float32)
+    score_bias[empty] = -np.inf
+    host = Lattice(*map(torch.from_numpy, (cell, count, empty.astype(np.float32), score_bias)), height, width, stride,
+                   merged=bool(count.max() > 1))
+    return host.to(grid.device if device is None else device)
 
 
 def place_on_lattice(h: torch.Tensor, lattice: Lattice, pad: torch.Tensor) -> torch.Tensor:
@@ -173,6 +178,16 @@ def raster_order(grid: torch.Tensor, column_major: bool = False) -> torch.Tensor
     g = grid.long() - grid.long().min(dim=0).values
     major, minor = (g[:, 1], g[:, 0]) if column_major else (g[:, 0], g[:, 1])
     return torch.argsort(major * (int(minor.max()) + 1) + minor)
+
+
+def raster_orders(grid: torch.Tensor, directions: int) -> list[torch.Tensor]:
+    """The scan orders of MambaMIL's `directions` (1: raster; 4: rows and columns, each both ways) on grid's device;
+    on the host, the data loader's workers compute them in training (MambaMIL's `grid_prep`)."""
+    rows = raster_order(grid)
+    if directions == 1:  # the column order is only sorted for the cross-scan
+        return [rows]
+    cols = raster_order(grid, column_major=True)
+    return [rows, rows.flip(0), cols, cols.flip(0)]
 
 
 # ---------------------------------------------------------------------------------------------- mamba

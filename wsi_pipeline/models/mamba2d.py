@@ -9,11 +9,13 @@ cell are averaged) so memory stays bounded; attention is then shared by the rows
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
 from . import register_model
-from .blocks import (GatedAttentionPool, MambaBlock, MILOutput, build_lattice, embed, place_on_lattice,
+from .blocks import (GatedAttentionPool, Lattice, MambaBlock, MILOutput, build_lattice, embed, place_on_lattice,
                      row_attention)
 
 PAD_TOKENS = ("learnable", "zero")
@@ -39,9 +41,10 @@ class Mamba2DMIL(nn.Module):
         self.pool = GatedAttentionPool(d_model, attn_hidden)
         self.head = nn.Linear(d_model, n_classes)
         self.column_first, self.mask_padding, self.max_cells = scan_order == "column_first", mask_padding, max_cells
+        self.grid_prep = functools.partial(build_lattice, max_cells=max_cells)
 
-    def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
-        lattice = build_lattice(grid, self.max_cells, features.device)
+    def forward(self, features: torch.Tensor, grid: torch.Tensor, prepared: Lattice | None = None) -> MILOutput:
+        lattice = (self.grid_prep(grid) if prepared is None else prepared).to(features.device)
         # The residual stream stays float32 under bf16 autocast (as Mamba's residual_in_fp32): exact cell means,
         # and RMSNorm sees matching dtypes (its fused kernel).
         cells = place_on_lattice(self.embed(features).float(), lattice, self.pad)

@@ -3,11 +3,13 @@ tissue patches in raster order (row by row); `directions=4` is the cross-scan va
 each forwards and backwards, one block per direction, their updates summed)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
 from . import register_model
-from .blocks import GatedAttentionPool, MambaBlock, MILOutput, embed, raster_order, to_device
+from .blocks import GatedAttentionPool, MambaBlock, MILOutput, embed, raster_orders, to_device_together
 
 
 class MambaMIL(nn.Module):
@@ -25,17 +27,12 @@ class MambaMIL(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.pool = GatedAttentionPool(d_model, attn_hidden)
         self.head = nn.Linear(d_model, n_classes)
+        self.grid_prep = functools.partial(raster_orders, directions=directions)
 
-    def _orders(self, grid: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-        rows = to_device(raster_order(grid), device)
-        if self.directions == 1:  # the column order is only sorted for the cross-scan
-            return [rows]
-        cols = to_device(raster_order(grid, column_major=True), device)
-        return [rows, rows.flip(0), cols, cols.flip(0)]
-
-    def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
+    def forward(self, features: torch.Tensor, grid: torch.Tensor, prepared: list[torch.Tensor] | None = None
+                ) -> MILOutput:
         x = self.embed(features).float()  # float32 residual stream under bf16 autocast, as in mamba2d
-        orders = self._orders(grid, features.device)
+        orders = to_device_together(self.grid_prep(grid) if prepared is None else prepared, features.device)
         for blocks in self.layers:
             update = torch.zeros_like(x)
             for block, order in zip(blocks, orders):

@@ -48,6 +48,8 @@ class PPEG(nn.Module):
 
 
 class TransMIL(nn.Module):
+    grid_prep = None  # no host work on the grid (see wsi_pipeline.models)
+
     def __init__(self, in_dim: int, n_classes: int, d_model: int = 256, heads: int = 8, dropout: float = 0.25):
         super().__init__()
         self.embed = embed(in_dim, d_model, dropout)
@@ -57,7 +59,7 @@ class TransMIL(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
 
-    def forward(self, features: torch.Tensor, grid: torch.Tensor) -> MILOutput:
+    def forward(self, features: torch.Tensor, grid: torch.Tensor, prepared: None = None) -> MILOutput:
         h = self.embed(features)
         n = h.shape[0]
         side = math.ceil(math.sqrt(n))
