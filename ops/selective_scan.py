@@ -73,11 +73,21 @@ def _as(grad: torch.Tensor | None, spec: tuple | None) -> torch.Tensor | None:
     return None if grad is None or spec is None else grad.reshape(spec[0]).to(spec[1])
 
 
+def _batch_of_one(u, delta, B, C, z):
+    """Unbatched inputs (u, delta, z of (d, L); B, C of (n, L) or (groups, n, L)) as a batch of one."""
+    return u[None], delta[None], B[None], C[None], None if z is None else z[None]
+
+
 class _Scan2d(torch.autograd.Function):
-    """out = (sum_n <C, h> + D u) * silu(z) of the 2D scan in u's dtype, with delta = softplus(delta + delta_bias)."""
+    """out = (sum_n <C, h> + D u) * silu(z) of the 2D scan in u's dtype, with delta = softplus(delta + delta_bias).
+    Unbatched inputs take their batch dimension here, where the views record no autograd nodes."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, height: int, width: int):
+        ctx.meta = (softplus, height, width, *map(_spec, (u, delta, A, B, C, D, z, delta_bias)))
+        unbatched = u.dim() == 2
+        if unbatched:
+            u, delta, B, C, z = _batch_of_one(u, delta, B, C, z)
         dtype = u.dtype
         ins = (_aligned(u), _aligned(delta.to(dtype)), A.float().contiguous(), _grouped(B, dtype),
                _grouped(C, dtype), None if D is None else D.float().contiguous(),
@@ -85,16 +95,15 @@ class _Scan2d(torch.autograd.Function):
                None if delta_bias is None else delta_bias.float().contiguous())
         out, ypre, ckpt = extension().scan2d_fwd(*ins, softplus, height, width, STRIP)
         ctx.save_for_backward(*ins, ckpt, ypre)
-        ctx.meta = (softplus, height, width, *map(_spec, (delta, A, B, C, D, z, delta_bias)))
-        return out
+        return out[0] if unbatched else out
 
     @staticmethod
     def backward(ctx, dout):
         *ins, ckpt, ypre = ctx.saved_tensors
         softplus, height, width, *specs = ctx.meta
-        du, *grads = extension().scan2d_bwd(*ins, softplus, height, width, STRIP, ckpt, ypre,
-                                            _aligned(dout.to(ins[0].dtype)))
-        return (du, *(_as(g, spec) for g, spec in zip(grads, specs)), None, None, None)
+        grads = extension().scan2d_bwd(*ins, softplus, height, width, STRIP, ckpt, ypre,
+                                       _aligned(dout.reshape(ins[0].shape).to(ins[0].dtype)))
+        return (*(_as(g, spec) for g, spec in zip(grads, specs)), None, None, None)
 
 
 def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
@@ -102,9 +111,12 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """2DMamba's scan (see `selective_scan_2d_ref` for the math); CUDA kernel with autograd on CUDA tensors.
 
     u, delta, B, C, z are used in u's dtype (fp32/fp16/bf16; states and sums in fp32); A, D, delta_bias in fp32.
+    Unbatched inputs are taken too (u, delta, z of (d, L); B, C of (n, L) or (groups, n, L)), with an unbatched
+    output: on CUDA without the views a caller would add (an autograd node each, in a host-bound training step).
     """
     if not _use_kernel(u):
-        return selective_scan_2d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, height=height, width=width)
+        return _reference(selective_scan_2d_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                          height=height, width=width)
     if height * width != u.shape[-1]:
         raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {u.shape[-1]}")
     pad = aligned_width(width, u.dtype) - width
@@ -136,10 +148,19 @@ def _widen(x: torch.Tensor, height: int, width: int, pad: int) -> torch.Tensor:
     return F.pad(x.unflatten(-1, (height, width)), (0, pad)).flatten(-2)
 
 
+def _reference(ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus, **grid):
+    """A reference scan, on unbatched inputs as a batch of one."""
+    if u.dim() != 2:
+        return ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **grid)
+    u, delta, B, C, z = _batch_of_one(u, delta, B, C, z)
+    return ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **grid)[0]
+
+
 def selective_scan_1d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """Mamba's 1D selective scan over the sequence (MambaMIL): the 2D kernel on a grid of one row."""
+    """Mamba's 1D selective scan over the sequence (MambaMIL): the 2D kernel on a grid of one row. Unbatched
+    inputs as `selective_scan_2d`'s."""
     if not _use_kernel(u):
-        return selective_scan_1d_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return _reference(selective_scan_1d_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, delta_softplus, height=1, width=u.shape[-1])
 
 

@@ -207,3 +207,22 @@ def test_mamba_block_widened_rows_are_exact(scan, shape):
     torch.testing.assert_close(widened, raw)
     for got, want in zip(grads, raw_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("scan,shape", [("2d", (3, 70)), ("2d", (4, 8)), ("1d", None)],
+                         ids=["2d-3x70", "2d-4x8", "1d-70"])
+def test_mamba_block_takes_one_unbatched_sequence(scan, shape):
+    """A sequence (L, d) through the block (no batch views) gives the batch of one's output and gradients."""
+    from wsi_pipeline.models.blocks import MambaBlock
+
+    torch.manual_seed(0)
+    block = MambaBlock(8, scan, d_state=4).double()
+    x = torch.randn(1, shape[0] * shape[1] if shape else 70, 8, dtype=torch.float64, requires_grad=True)
+    params = list(block.parameters())
+    batched = block(x, shape)
+    single = block(x[0], shape)
+    torch.testing.assert_close(single, batched[0])
+    for got, want in zip(torch.autograd.grad(single.square().sum(), [x, *params]),
+                         torch.autograd.grad(batched.square().sum(), [x, *params])):
+        torch.testing.assert_close(got, want)
+

@@ -135,6 +135,18 @@ def test_scan2d_uniform_rows(batch, d, n, height, width, P, K, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("height,width,groups", [(20, 200, None), (7, 13, 2)], ids=["20x200", "7x13-groups"])
+def test_scan2d_unbatched_inputs(height, width, groups, dtype):
+    """Unbatched inputs (2DMambaMIL's block passes them, so that it adds no views): the kernels against the float64
+    reference, every gradient in the input's unbatched shape; 13 columns are widened for the wide loads."""
+    x = make(1, 4, 16, height * width, dtype, groups=groups, options=True, seed=height)
+    for k in ("u", "delta", "z", "B", "C"):
+        x[k] = x[k][0]
+    compare(ops.selective_scan_2d, ops.selective_scan_2d, x, dict(height=height, width=width), TOL[dtype])
+    compare(ops.selective_scan_1d, ops.selective_scan_1d, x, {}, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_scan2d_unaligned_views(dtype):
     """Contiguous views at an odd storage offset (not 16-byte aligned) give the same result."""
     x = make(2, 4, 8, 17 * 16, dtype, options=True, seed=5)

@@ -111,6 +111,22 @@ def test_public_functions_on_cpu_are_the_references():
     torch.testing.assert_close(ops.selective_scan_1d(**x), selective_scan_1d_ref(**x))
 
 
+@pytest.mark.parametrize("groups", [None, 2])
+def test_unbatched_inputs_are_a_batch_of_one(groups):
+    """u, delta, z (d, L) and B, C (n, L) or (groups, n, L): the output and gradients of a batch of one, unbatched."""
+    x = inputs(batch=1, d=4, L=12, groups=groups, seed=7)
+    x["z"] = torch.randn(1, 4, 12, dtype=F64, generator=torch.Generator().manual_seed(1))
+    batched = {k: v.clone().requires_grad_() for k, v in x.items()}
+    single = {k: (v[0] if k != "A" else v).detach().clone().requires_grad_() for k, v in x.items()}
+    for fn, grid in [(ops.selective_scan_2d, dict(height=3, width=4)), (ops.selective_scan_1d, {})]:
+        want, got = fn(**batched, **grid), fn(**single, **grid)
+        torch.testing.assert_close(got, want[0])
+        want_grads = torch.autograd.grad(want.square().sum(), list(batched.values()))
+        got_grads = torch.autograd.grad(got.square().sum(), list(single.values()))
+        for name, g, w in zip(x, got_grads, want_grads):
+            torch.testing.assert_close(g, w if name == "A" else w[0], msg=name)
+
+
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="does not match L"):
         selective_scan_2d_ref(**inputs(L=12), height=5, width=3)

@@ -200,7 +200,7 @@ class CausalConv1d(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel, padding=kernel - 1, groups=channels)
 
-    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, C, L), channels first
+    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u ([B,] C, L), channels first
         return F.silu(self.conv(u)[..., : u.shape[-1]])
 
 
@@ -213,7 +213,7 @@ class LatticeConv2d(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
 
-    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u (B, C, L), channels first
+    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u ([B,] C, L), channels first
         return ops.lattice_conv_silu(u, self.conv.weight, self.conv.bias, height=shape[0], width=shape[1])
 
 
@@ -256,7 +256,8 @@ class MambaBlock(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, x: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
-        """x (B, L, d_model); `shape` = (height, width) of the lattice for the 2D scan (None: a sequence).
+        """x (B, L, d_model), or one sequence (L, d_model) (MIL's slide: no batch views, each an autograd node in a
+        step bound by the host); `shape` = (height, width) of the lattice for the 2D scan (None: a sequence).
 
         Rows (or a sequence) whose width the scan kernels cannot read with wide loads (`ops.aligned_width`) run
         widened with zero cells on the right, then are sliced back: once here on the block's input rather than
@@ -264,17 +265,19 @@ class MambaBlock(nn.Module):
         bias-free in_proj, so the conv sees the zeros of its own padding; the scan (and the 1D causal conv) never
         carry right-hand cells into the ones on their left; out_proj and the residual are per cell.
         """
-        height, width = shape if shape is not None else (1, x.shape[1])
+        height, width = shape if shape is not None else (1, x.shape[-2])
         wide = ops.aligned_width(width)
         if wide == width:
             return self._mix(x, shape)
-        b, _, d = x.shape
-        x = F.pad(x.view(b, height, width, d), (0, 0, 0, wide - width)).view(b, height * wide, d)
+        lead, d = x.shape[:-2], x.shape[-1]
+        x = F.pad(x.view(*lead, height, width, d), (0, 0, 0, wide - width)).view(*lead, height * wide, d)
         out = self._mix(x, None if shape is None else (height, wide))
-        return out.view(b, height, wide, d)[:, :, :width].reshape(b, height * width, d)
+        return out.view(*lead, height, wide, d)[..., :width, :].reshape(*lead, height * width, d)
 
     def _mix(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
         """The block proper, x + out_proj(scan(...)), one sequence at a time (MIL's batch is one slide)."""
+        if x.dim() == 2:
+            return self._mix_one(x, shape)
         if x.shape[0] == 1:  # squeeze, not x[0]: a select's backward writes a whole zero tensor, then a copy
             return self._mix_one(x.squeeze(0), shape).unsqueeze(0)
         return torch.stack([self._mix_one(xb, shape) for xb in x])
@@ -289,10 +292,10 @@ class MambaBlock(nn.Module):
         """
         xz = self.in_proj.weight @ self.norm(x).t()  # (2 d_inner, L)
         u, z = xz.chunk(2, dim=0)
-        u = self.conv(u.unsqueeze(0), shape)  # SiLU(conv(u)), (1, d_inner, L)
-        dt, B, C = (self.x_proj.weight @ u.squeeze(0)).split([self.dt_rank, self.d_state, self.d_state], dim=0)
+        u = self.conv(u, shape)  # SiLU(conv(u)), (d_inner, L): the conv and the scans take unbatched inputs
+        dt, B, C = (self.x_proj.weight @ u).split([self.dt_rank, self.d_state, self.d_state], dim=0)
         delta = self.dt_proj.weight @ dt
-        y = self._scan(u, delta.unsqueeze(0), -torch.exp(self.A_log.float()), B.unsqueeze(0), C.unsqueeze(0),
-                       self.D.float(), z.unsqueeze(0), self.dt_proj.bias.float(), shape)
+        y = self._scan(u, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, self.dt_proj.bias.float(),
+                       shape)
         # No cast of y to x's dtype: under autocast out_proj would cast it straight back; x + ... promotes.
-        return x + F.linear(y.squeeze(0).t(), self.out_proj.weight)
+        return x + F.linear(y.t(), self.out_proj.weight)

@@ -47,21 +47,23 @@ class Mamba2DMIL(nn.Module):
         lattice = (self.grid_prep(grid) if prepared is None else prepared).to(features.device)
         # The residual stream stays float32 under bf16 autocast (as Mamba's residual_in_fp32): exact cell means,
         # and RMSNorm sees matching dtypes (its fused kernel).
-        cells = place_on_lattice(self.embed(features).float(), lattice, self.pad)
+        x = place_on_lattice(self.embed(features).float(), lattice, self.pad)  # (cells, d): no batch views
         shape = (lattice.height, lattice.width)
-        x = cells.view(1, *shape, -1)
         if self.column_first:  # scanning the transposed lattice row-first = the original one column-first
-            x, shape = x.transpose(1, 2), shape[::-1]
-        x = x.reshape(1, shape[0] * shape[1], -1)
+            x, shape = _transposed(x, shape), shape[::-1]
         for block in self.blocks:
             x = block(x, shape)
-        x = x.view(1, *shape, -1)
         if self.column_first:
-            x = x.transpose(1, 2)
-        x = self.norm(x.reshape(lattice.height * lattice.width, -1))
+            x = _transposed(x, shape)
+        x = self.norm(x)
         pooled, weights = self.pool(x, lattice.score_bias if self.mask_padding else None)
         weights = weights.detach()
         return MILOutput(self.head(pooled), lambda: row_attention(weights, lattice))
+
+
+def _transposed(cells: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(height * width, d) cells in row-major order of the (height, width) lattice -> those of its transpose."""
+    return cells.view(*shape, -1).transpose(0, 1).reshape(shape[0] * shape[1], -1)
 
 
 @register_model

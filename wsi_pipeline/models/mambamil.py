@@ -36,8 +36,8 @@ class MambaMIL(nn.Module):
         for blocks in self.layers:
             update = torch.zeros_like(x)
             for block, order in zip(blocks, orders):
-                seq = x[order].unsqueeze(0)
-                update = update.index_add(0, order, (block(seq) - seq).squeeze(0))
+                seq = x[order]  # one sequence (L, d): the block takes it without batch views
+                update = update.index_add(0, order, block(seq) - seq)
             x = x + update
         pooled, weights = self.pool(self.norm(x))
         return MILOutput(self.head(pooled), weights)
