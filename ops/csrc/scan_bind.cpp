@@ -12,23 +12,32 @@
 
 namespace {
 
-// Numbers and sizes in the checks' messages go in as std::to_string text, never through std::ostream: on the device
-// machine's torch 2.11 build, an integer written to a std::ostringstream by extension code (a minimal load_inline
-// module too) crashes the process, so a bad input would end in a segfault instead of its message.
+// The checks' messages are built here, numbers and sizes as std::to_string text, and reach TORCH_CHECK as one string,
+// never an integer through std::ostream: on the device machine's torch 2.11 build, an integer written to a
+// std::ostringstream by extension code (a minimal load_inline module too) crashes the process, so a bad input would
+// end in a segfault instead of its message. OPS_CHECK for every check of this file.
+std::string txt(const char* s) { return s; }
 std::string txt(int64_t v) { return std::to_string(v); }
 std::string txt(at::IntArrayRef sizes) {
   std::string out = "[";
   for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
   return out + "]";
 }
-const char* txt(at::ScalarType t) { return c10::toString(t); }
+std::string txt(at::ScalarType t) { return c10::toString(t); }
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  ((out += txt(args)), ...);
+  return out;
+}
 
-#define SCAN_CHECK(cond, ...) TORCH_CHECK(cond, "wsi_pipeline scan: ", __VA_ARGS__)
+#define OPS_CHECK(cond, ...) TORCH_CHECK(cond, message(__VA_ARGS__))
+#define SCAN_CHECK(cond, ...) OPS_CHECK(cond, "wsi_pipeline scan: ", __VA_ARGS__)
 
 void check_input(const torch::Tensor& t, const char* name, at::ScalarType dtype) {
   SCAN_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
   SCAN_CHECK(t.is_contiguous(), name, " must be contiguous");
-  SCAN_CHECK(t.scalar_type() == dtype, name, " has dtype ", txt(t.scalar_type()), ", expected ", txt(dtype));
+  SCAN_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
 }
 
 struct Shape {
@@ -43,10 +52,9 @@ Shape shape_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::
   check_input(A, "A", at::kFloat);
   check_input(B, "B", u.scalar_type());
   check_input(C, "C", u.scalar_type());
-  SCAN_CHECK(u.dim() == 3 && B.dim() == 4 && C.sizes() == B.sizes(), "bad ranks: u ", txt(u.sizes()), ", B ",
-             txt(B.sizes()));
-  SCAN_CHECK(height >= 1 && width >= 1 && height * width == u.size(2), "height*width must equal L = ", txt(u.size(2)));
-  SCAN_CHECK(delta.sizes() == u.sizes(), "delta ", txt(delta.sizes()), " must match u ", txt(u.sizes()));
+  SCAN_CHECK(u.dim() == 3 && B.dim() == 4 && C.sizes() == B.sizes(), "bad ranks: u ", u.sizes(), ", B ", B.sizes());
+  SCAN_CHECK(height >= 1 && width >= 1 && height * width == u.size(2), "height*width must equal L = ", u.size(2));
+  SCAN_CHECK(delta.sizes() == u.sizes(), "delta ", delta.sizes(), " must match u ", u.sizes());
   Shape s{};
   s.batch = u.size(0);
   s.dim = u.size(1);
@@ -55,9 +63,9 @@ Shape shape_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::
   s.height = height;
   s.width = width;
   SCAN_CHECK(A.size(0) == s.dim && B.size(0) == s.batch && B.size(2) == s.dstate && B.size(3) == u.size(2),
-        "A ", txt(A.sizes()), " / B ", txt(B.sizes()), " do not fit u ", txt(u.sizes()));
-  SCAN_CHECK(s.dim % s.groups == 0, "dim ", txt(s.dim), " is not a multiple of the ", txt(s.groups), " groups of B/C");
-  SCAN_CHECK(strip == scan::kStrip, "strip must be ", txt(scan::kStrip), ", got ", txt(strip));
+        "A ", A.sizes(), " / B ", B.sizes(), " do not fit u ", u.sizes());
+  SCAN_CHECK(s.dim % s.groups == 0, "dim ", s.dim, " is not a multiple of the ", s.groups, " groups of B/C");
+  SCAN_CHECK(strip == scan::kStrip, "strip must be ", scan::kStrip, ", got ", strip);
   s.strip = std::min<int64_t>(strip, height);
   s.n_strips = (s.height + s.strip - 1) / s.strip;
   const int tile = 32 * scan::cols_per_lane(width);
@@ -78,17 +86,17 @@ scan::Params params_of(const Shape& s, const torch::Tensor& u, const torch::Tens
   p.A = A.data_ptr<float>();
   if (bias.has_value()) {
     check_input(*bias, "delta_bias", at::kFloat);
-    SCAN_CHECK(bias->numel() == s.dim, "delta_bias must have dim = ", txt(s.dim), " values");
+    SCAN_CHECK(bias->numel() == s.dim, "delta_bias must have dim = ", s.dim, " values");
     p.delta_bias = bias->data_ptr<float>();
   }
   if (D.has_value()) {
     check_input(*D, "D", at::kFloat);
-    SCAN_CHECK(D->numel() == s.dim, "D must have dim = ", txt(s.dim), " values");
+    SCAN_CHECK(D->numel() == s.dim, "D must have dim = ", s.dim, " values");
     p.D = D->data_ptr<float>();
   }
   if (z.has_value()) {
     check_input(*z, "z", u.scalar_type());
-    SCAN_CHECK(z->sizes() == u.sizes(), "z ", txt(z->sizes()), " must match u ", txt(u.sizes()));
+    SCAN_CHECK(z->sizes() == u.sizes(), "z ", z->sizes(), " must match u ", u.sizes());
     p.z = z->data_ptr();
   }
   return p;
@@ -106,7 +114,7 @@ Launchers pick(at::ScalarType dtype) {
     case at::kFloat: return {scan::scan2d_fwd_f32, scan::scan2d_bwd_f32, scan::scan2d_finish_f32};
     case at::kHalf: return {scan::scan2d_fwd_f16, scan::scan2d_bwd_f16, scan::scan2d_finish_f16};
     case at::kBFloat16: return {scan::scan2d_fwd_bf16, scan::scan2d_bwd_bf16, scan::scan2d_finish_bf16};
-    default: TORCH_CHECK(false, "wsi_pipeline scan: unsupported dtype ", txt(dtype));
+    default: SCAN_CHECK(false, "unsupported dtype ", dtype);
   }
 }
 
@@ -153,7 +161,7 @@ std::vector<torch::Tensor> scan2d_bwd(torch::Tensor u, torch::Tensor delta, torc
                                       c10::optional<torch::Tensor> ypre, torch::Tensor dout) {
   const Shape s = shape_of(u, delta, A, B, C, height, width, strip);
   check_input(dout, "dout", u.scalar_type());
-  SCAN_CHECK(dout.sizes() == u.sizes(), "dout ", txt(dout.sizes()), " must match u ", txt(u.sizes()));
+  SCAN_CHECK(dout.sizes() == u.sizes(), "dout ", dout.sizes(), " must match u ", u.sizes());
   const c10::cuda::CUDAGuard guard(u.device());
   scan::Params p = params_of(s, u, delta, A, B, C, D, z, delta_bias, softplus);
   auto f32 = u.options().dtype(at::kFloat);
@@ -202,8 +210,8 @@ namespace m2d {
 namespace {
 
 void check(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == at::kFloat, "wavefront_scan_m2d: ", name,
-              " must be a contiguous float32 CUDA tensor");
+  OPS_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == at::kFloat, "wavefront_scan_m2d: ", name,
+            " must be a contiguous float32 CUDA tensor");
 }
 
 Params params_of(const torch::Tensor& u, const torch::Tensor& dh, const torch::Tensor& dv, const torch::Tensor& Ah,
@@ -212,9 +220,9 @@ Params params_of(const torch::Tensor& u, const torch::Tensor& dh, const torch::T
   const char* names[] = {"u", "delta_h", "delta_v", "A_h", "A_v", "B_h", "B_v", "C"};
   const torch::Tensor* ts[] = {&u, &dh, &dv, &Ah, &Av, &Bh, &Bv, &C};
   for (int k = 0; k < 8; ++k) check(*ts[k], names[k]);
-  TORCH_CHECK(height * width == u.size(2) && width <= 1024, "wavefront_scan_m2d: need height*width == L and "
-              "width <= 1024, got ", txt(height), "x", txt(width), " for L = ", txt(u.size(2)));
-  TORCH_CHECK(Bh.dim() == 4 && Bv.sizes() == Bh.sizes() && C.sizes() == Bh.sizes(), "wavefront_scan_m2d: B/C");
+  OPS_CHECK(height * width == u.size(2) && width <= 1024, "wavefront_scan_m2d: need height*width == L and "
+            "width <= 1024, got ", height, "x", width, " for L = ", u.size(2));
+  OPS_CHECK(Bh.dim() == 4 && Bv.sizes() == Bh.sizes() && C.sizes() == Bh.sizes(), "wavefront_scan_m2d: B/C");
   Params p{};
   p.dim = u.size(1), p.dstate = Ah.size(1), p.groups = Bh.size(1), p.height = height, p.width = width;
   p.u = u.data_ptr<float>(), p.dh = dh.data_ptr<float>(), p.dv = dv.data_ptr<float>();
@@ -269,23 +277,22 @@ namespace {
 // x (..., C, height * width) contiguous in a kernel dtype; w (C, 1, k, k), b (C) fp32 contiguous.
 Params params_of(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b,
                  int64_t height, int64_t width) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() >= 2, "lattice_conv_silu: x must be a contiguous CUDA "
-              "tensor (..., C, L), got ", txt(x.sizes()));
-  TORCH_CHECK(height >= 1 && width >= 1 && height * width == x.size(-1), "lattice_conv_silu: height*width = ",
-              txt(height), "*", txt(width), " must equal L = ", txt(x.size(-1)));
-  TORCH_CHECK(w.is_cuda() && w.is_contiguous() && w.scalar_type() == at::kFloat && w.dim() == 4 &&
-              w.size(0) == x.size(-2) && w.size(1) == 1 && w.size(2) == w.size(3) && supported(w.size(2)),
-              "lattice_conv_silu: weight must be fp32 (C, 1, k, k) with k in 1, 3, 5, 7, got ", txt(w.sizes()));
+  OPS_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() >= 2, "lattice_conv_silu: x must be a contiguous CUDA "
+            "tensor (..., C, L), got ", x.sizes());
+  OPS_CHECK(height >= 1 && width >= 1 && height * width == x.size(-1), "lattice_conv_silu: height*width = ",
+            height, "*", width, " must equal L = ", x.size(-1));
+  OPS_CHECK(w.is_cuda() && w.is_contiguous() && w.scalar_type() == at::kFloat && w.dim() == 4 &&
+            w.size(0) == x.size(-2) && w.size(1) == 1 && w.size(2) == w.size(3) && supported(w.size(2)),
+            "lattice_conv_silu: weight must be fp32 (C, 1, k, k) with k in 1, 3, 5, 7, got ", w.sizes());
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "lattice_conv_silu: dtype ",
-              txt(dtype));
+  OPS_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "lattice_conv_silu: dtype ", dtype);
   Params p{};
   p.channels = x.numel() / x.size(-1), p.dim = x.size(-2), p.height = height, p.width = width, p.kernel = w.size(2);
   p.dtype = dtype == at::kFloat ? DType::kF32 : dtype == at::kHalf ? DType::kF16 : DType::kBF16;
   p.x = x.data_ptr(), p.w = w.data_ptr<float>();
   if (b) {
-    TORCH_CHECK(b->is_cuda() && b->is_contiguous() && b->scalar_type() == at::kFloat && b->numel() == p.dim,
-                "lattice_conv_silu: bias must be fp32 (C,)");
+    OPS_CHECK(b->is_cuda() && b->is_contiguous() && b->scalar_type() == at::kFloat && b->numel() == p.dim,
+              "lattice_conv_silu: bias must be fp32 (C,)");
     p.b = b->data_ptr<float>();
   }
   return p;
@@ -308,8 +315,8 @@ torch::Tensor conv_fwd(torch::Tensor x, torch::Tensor w, c10::optional<torch::Te
 std::vector<torch::Tensor> conv_bwd(torch::Tensor gu, torch::Tensor x, torch::Tensor w,
                                     c10::optional<torch::Tensor> b, int64_t height, int64_t width) {
   Params p = params_of(x, w, b, height, width);
-  TORCH_CHECK(gu.sizes() == x.sizes() && gu.scalar_type() == x.scalar_type() && gu.is_contiguous(),
-              "lattice_conv_silu: the output gradient must be contiguous, of x's shape and dtype");
+  OPS_CHECK(gu.sizes() == x.sizes() && gu.scalar_type() == x.scalar_type() && gu.is_contiguous(),
+            "lattice_conv_silu: the output gradient must be contiguous, of x's shape and dtype");
   const c10::cuda::CUDAGuard guard(x.device());
   auto gx = torch::empty_like(x);
   auto sums = torch::zeros({w.numel() + (b ? p.dim : 0)}, w.options());  // one zero-fill for gw and gb
@@ -329,12 +336,10 @@ namespace scan {
 std::tuple<int64_t, int64_t, bool> plan(int64_t batch, int64_t dim, int64_t dstate, int64_t groups, int64_t height,
                                         int64_t width, int64_t itemsize, bool forward) {
   SCAN_CHECK(batch >= 1 && dim >= 1 && dstate >= 1 && groups >= 1 && height >= 1 && width >= 1,
-             "scan_plan: sizes must be positive, got batch ", txt(batch), ", dim ", txt(dim), ", dstate ", txt(dstate),
-             ", groups ", txt(groups), ", ", txt(height), "x", txt(width));
-  SCAN_CHECK(dim % groups == 0, "scan_plan: dim ", txt(dim), " is not a multiple of the ", txt(groups),
-             " groups of B/C");
-  SCAN_CHECK(itemsize == 2 || itemsize == 4, "scan_plan: itemsize must be 2 (fp16/bf16) or 4 (fp32), got ",
-             txt(itemsize));
+             "scan_plan: sizes must be positive, got batch ", batch, ", dim ", dim, ", dstate ", dstate,
+             ", groups ", groups, ", ", height, "x", width);
+  SCAN_CHECK(dim % groups == 0, "scan_plan: dim ", dim, " is not a multiple of the ", groups, " groups of B/C");
+  SCAN_CHECK(itemsize == 2 || itemsize == 4, "scan_plan: itemsize must be 2 (fp16/bf16) or 4 (fp32), got ", itemsize);
   Params p{};
   p.batch = batch, p.dim = dim, p.dstate = dstate, p.groups = groups, p.height = height, p.width = width;
   const Plan q = plan_of(p, forward, itemsize);
