@@ -29,19 +29,30 @@ __device__ __forceinline__ Tile tile_of(const Params& p) {
   return {static_cast<int>(blockIdx.x % p.channels), (t / tiles_w) * kTH, (t % tiles_w) * kTW};
 }
 
-// ROWS x COLS of channel `base`'s lattice from (i0, j0) into shared memory, zeros outside the lattice. Unrolled
-// (compile-time sizes), so a thread's loads are all in flight before the first is used.
+// Cells of a ROWS x COLS region per thread (cell t = threadIdx.x + r kThreads of the region, row-major).
+template <int ROWS, int COLS>
+constexpr int kPerThread = (ROWS * COLS + kThreads - 1) / kThreads;
+
+// The thread's cells of the ROWS x COLS region of channel `base`'s lattice from (i0, j0) into registers, zeros
+// outside the lattice. Unrolled (compile-time sizes), so a thread's loads are all in flight before the first is used.
 template <int ROWS, int COLS, typename T>
-__device__ __forceinline__ void stage(float* dst, const T* src, long base, int i0, int j0, int H, int W) {
-  float v[(ROWS * COLS + kThreads - 1) / kThreads];
+__device__ __forceinline__ void load_region(float (&v)[kPerThread<ROWS, COLS>], const T* src, long base, int i0,
+                                            int j0, int H, int W) {
 #pragma unroll
-  for (int r = 0; r < (ROWS * COLS + kThreads - 1) / kThreads; ++r) {
+  for (int r = 0; r < kPerThread<ROWS, COLS>; ++r) {
     const int t = threadIdx.x + r * kThreads, i = i0 + t / COLS, j = j0 + t % COLS;
     v[r] = (t < ROWS * COLS && i >= 0 && i < H && j >= 0 && j < W) ? to_float(src[base + static_cast<long>(i) * W + j])
                                                                    : 0.f;
   }
+}
+
+// The same region into shared memory.
+template <int ROWS, int COLS, typename T>
+__device__ __forceinline__ void stage(float* dst, const T* src, long base, int i0, int j0, int H, int W) {
+  float v[kPerThread<ROWS, COLS>];
+  load_region<ROWS, COLS>(v, src, base, i0, j0, H, W);
 #pragma unroll
-  for (int r = 0; r < (ROWS * COLS + kThreads - 1) / kThreads; ++r) {
+  for (int r = 0; r < kPerThread<ROWS, COLS>; ++r) {
     const int t = threadIdx.x + r * kThreads;
     if (t < ROWS * COLS) dst[t] = v[r];
   }
@@ -87,14 +98,9 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(Params p) {
 #pragma unroll
   for (int q = 0; q < K * K; ++q) w[q] = p.w[c * K * K + q];
   const float bias = p.b ? p.b[c] : 0.f;
-  constexpr int kG = (GH * GW + kThreads - 1) / kThreads;  // cells of the gradient region per thread
-  const T* gu = static_cast<const T*>(p.gu);
+  constexpr int kG = kPerThread<GH, GW>;  // cells of the gradient region per thread
   float gv[kG];  // gu around the tile, loaded first: its loads and x's are in flight together
-#pragma unroll
-  for (int r = 0; r < kG; ++r) {
-    const int t = threadIdx.x + r * kThreads, i = tile.i0 - R + t / GW, j = tile.j0 - R + t % GW;
-    gv[r] = (t < GH * GW && i >= 0 && i < H && j >= 0 && j < W) ? to_float(gu[base + static_cast<long>(i) * W + j]) : 0.f;
-  }
+  load_region<GH, GW>(gv, static_cast<const T*>(p.gu), base, tile.i0 - R, tile.j0 - R, H, W);
   stage<kTH + 4 * R, XW>(xs, static_cast<const T*>(p.x), base, tile.i0 - 2 * R, tile.j0 - 2 * R, H, W);
   __syncthreads();
 #pragma unroll
