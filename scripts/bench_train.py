@@ -42,10 +42,11 @@ def model_config(name: str) -> dict:
     return cfg
 
 
-def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor, amp: bool) -> Callable[[], tuple[float, float]]:
+def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor,
+              amp: bool) -> tuple[Callable[[], tuple[float, float]], Callable | None]:
     """One training step of `name` (forward, loss, backward, AdamW) on the slide, as the trainer runs it: with the
     model's `grid_prep` done beforehand, as the trainer's data loader does it. The step returns the perf_counter times
-    at which the host had issued the forward (and loss) and the backward."""
+    at which the host had issued the forward (and loss) and the backward. Returned with the model's grid_prep."""
     device = feats.device
     torch.manual_seed(0)
     model = create_model(name, in_dim=feats.shape[1], n_classes=2, **model_config(name)).to(device)
@@ -66,7 +67,7 @@ def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor, amp: bool) -> 
         optimizer.step()
         return forward, backward
 
-    return step
+    return step, model.grid_prep
 
 
 def timed_steps(step: Callable[[], tuple[float, float]], n: int, cuda: bool) -> list[tuple[float, ...]]:
@@ -85,16 +86,15 @@ def timed_steps(step: Callable[[], tuple[float, float]], n: int, cuda: bool) -> 
     return times
 
 
-def grid_prep_ms(name: str, grid: torch.Tensor, n: int = 50) -> float:
-    """Median host ms of the model's `grid_prep` on the slide's grid (0 without one): the work the trainer's data
+def grid_prep_ms(grid_prep: Callable | None, grid: torch.Tensor, n: int = 50) -> float:
+    """Median host ms of a model's `grid_prep` on the slide's grid (0 without one): the work the trainer's data
     loader does per slide read, in its worker processes by default (train.workers)."""
-    model = create_model(name, in_dim=8, n_classes=2, **model_config(name))
-    if model.grid_prep is None:
+    if grid_prep is None:
         return 0.0
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        model.grid_prep(grid)
+        grid_prep(grid)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -104,12 +104,12 @@ def bench_models(names: list[str], feats: torch.Tensor, grid: torch.Tensor, step
     """Each model's steps in `rounds` interleaved rounds (model A's share, model B's, ..., again), so that drifts of
     the host's speed, which bounds these steps, reach every model alike; peak memory per model."""
     cuda = feats.device.type == "cuda"
-    models, peaks, times = {}, {}, {name: [] for name in names}
+    models, preps, peaks, times = {}, {}, {}, {name: [] for name in names}
     for name in names:  # build and warm up each model, measuring its peak memory on its own
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        models[name] = make_step(name, feats, grid, amp)
+        models[name], preps[name] = make_step(name, feats, grid, amp)
         timed_steps(models[name], warmup, cuda)
         peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
     for r in range(rounds):
@@ -118,7 +118,7 @@ def bench_models(names: list[str], feats: torch.Tensor, grid: torch.Tensor, step
     keys = ("ms_per_step", "host_ms", "host_forward_ms", "host_backward_ms", "host_optimizer_ms")
     return [{**{key: statistics.median(t[k] for t in times[name]) for k, key in enumerate(keys)},
              "model": name, "ms_min": min(t[0] for t in times[name]), "peak_mib": peaks[name],
-             "grid_prep_ms": grid_prep_ms(name, grid)} for name in names]
+             "grid_prep_ms": grid_prep_ms(preps[name], grid)} for name in names]
 
 
 def profile_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int, amp: bool, rows: int,
@@ -127,7 +127,7 @@ def profile_model(name: str, feats: torch.Tensor, grid: torch.Tensor, steps: int
     with `trace`, also the Chrome trace (host ops and device kernels on one timeline) as trace/<name>.json."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = make_step(name, feats, grid, amp)
+    step, _ = make_step(name, feats, grid, amp)
     cuda = feats.device.type == "cuda"
     for _ in range(3):
         step()
