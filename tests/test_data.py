@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from wsi_pipeline.data import (DataError, FeatureBags, Task, attach_features, bin_of, read_labels, read_split,
                                survival_bins)
 from wsi_pipeline.feature_grids import write_cohort
-from wsi_pipeline.h5io import read_features
+from wsi_pipeline.h5io import FeatureGrid, read_features, write_features
 from wsi_pipeline.models import create_model
 from wsi_pipeline.models.blocks import build_lattice
 from wsi_pipeline.splits import make_splits
@@ -59,6 +59,22 @@ def test_bags_carry_the_models_grid_prep_through_worker_processes(cohort, cache)
         assert (bag.prepared.height, bag.prepared.width) == (expected.height, expected.width)
         assert torch.equal(bag.prepared.cell, expected.cell)
         assert torch.equal(bag.prepared.score_bias, expected.score_bias)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_slide_without_patches_is_a_clear_error(cohort, tmp_path, workers):
+    """A feature file with no rows ends in one DataError naming it, also from a DataLoader worker (before, the model's
+    lattice raised a bare ValueError there)."""
+    task = task_for(cohort)
+    labels = attach_features(read_labels(task), cohort.features)
+    stored = read_features(labels.path[0])
+    empty = tmp_path / "empty.h5"
+    write_features(empty, FeatureGrid(stored.coords[:0], stored.grid[:0], stored.attrs, features=stored.features[:0]))
+    labels.loc[0, "path"] = str(empty)
+    model = create_model("mamba2d", in_dim=stored.features.shape[1], n_classes=2)
+    bags = FeatureBags(labels.iloc[:2], task, prepare=model.grid_prep)
+    with pytest.raises(DataError, match=r"empty\.h5: slide .* has no patches"):
+        list(DataLoader(bags, batch_size=None, num_workers=workers, collate_fn=_as_is))
 
 
 def test_unknown_labels_are_listed(cohort, tmp_path):

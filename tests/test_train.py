@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from wsi_pipeline.feature_grids import write_cohort
-from wsi_pipeline.h5io import read_features, write_features
+from wsi_pipeline.h5io import FeatureGrid, read_features, write_features
 from wsi_pipeline.models import create_model
 from wsi_pipeline import train as train_module
 from wsi_pipeline.train import NonFiniteLoss, RunDirMismatch, compose_config, run_fold
@@ -149,6 +149,29 @@ def test_nan_loss_stops_names_the_slide_and_keeps_the_good_checkpoint(cohort, tm
         run_fold(cfg)
     kept = torch.load(tmp_path / "run" / "fold_0" / "model.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(good[k], kept[k]) for k in good)
+    assert not (tmp_path / "run" / "fold_0" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("bad", ["empty", "truncated"])
+def test_a_bad_slide_file_read_by_a_worker_is_one_clear_line(tmp_path, bad):
+    """A feature file without patches, or cut short, read by a DataLoader worker (train.workers=2): the CLI ends
+    with that file's message on one line (no worker traceback pasted into it), exit code 1, and no fold files."""
+    cohort = write_cohort(tmp_path / "cohort", n_cases=16, k=2)
+    target = sorted(cohort.features.glob("*.h5"))[0]
+    if bad == "empty":
+        stored = read_features(target)
+        write_features(target, FeatureGrid(stored.coords[:0], stored.grid[:0], stored.attrs,
+                                           features=stored.features[:0]))
+    else:
+        target.write_bytes(target.read_bytes()[:200])
+    args = overrides(cohort, tmp_path / "run", "mamba2d", "demo", "train.epochs=1", "train.workers=2",
+                     "train.cache=false", "device=cpu")
+    result = subprocess.run([sys.executable, "-m", "wsi_pipeline.train", *args], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert f"{target}: " in output and ("has no patches" if bad == "empty" else "not a readable HDF5 file") in output
+    assert "Traceback" not in output and "DataLoader worker" not in output
     assert not (tmp_path / "run" / "fold_0" / "metrics.json").exists()
 
 

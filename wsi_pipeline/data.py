@@ -195,6 +195,9 @@ class FeatureBags(Dataset):
     def _read(self, i: int) -> Bag:
         row = self.frame.iloc[i]
         grid = read_features(row.path)
+        if len(grid.grid) == 0:  # here, where the file is known, rather than in a model's forward or grid_prep
+            raise DataError(f"{row.path}: slide {row.slide_id} has no patches (an empty feature grid), which no model "
+                            "can take; re-run its extraction, or drop it from the labels CSV")
         # Features keep their stored dtype (float16 halves the host-to-GPU copy); the trainer casts on the device.
         bag = Bag(str(row.slide_id), str(row.case_id), torch.from_numpy(np.ascontiguousarray(grid.features)),
                   torch.from_numpy(grid.grid.astype(np.int64)), self._target(row))

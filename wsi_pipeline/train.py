@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import data
@@ -107,10 +108,32 @@ def _forward(model: torch.nn.Module, bag: Bag, settings: TrainSettings):
         return model(bag.features.to(settings.device).float(), bag.grid, bag.prepared)
 
 
-def _bags_in(bags: FeatureBags, order: list[int], settings: TrainSettings) -> DataLoader:
-    """Slides one at a time in `order`, read ahead by `settings.workers` processes."""
-    return DataLoader(bags, batch_size=None, sampler=order, num_workers=settings.workers,
-                      collate_fn=_as_is)
+class _ReadErrors(Dataset):
+    """The bags, a bad slide file's error (DataError, FormatError: the message names the file) returned rather than
+    raised: so it reaches the main process as itself. Raised in a DataLoader worker, PyTorch re-raises it with the
+    worker's traceback pasted into its message, and the trainer's one-line error would print that traceback."""
+
+    def __init__(self, bags: FeatureBags):
+        self.bags = bags
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> Bag | DataError | FormatError:
+        try:
+            return self.bags[i]
+        except (DataError, FormatError) as err:
+            return err
+
+
+def _bags_in(bags: FeatureBags, order: list[int], settings: TrainSettings) -> Iterator[Bag]:
+    """Slides one at a time in `order`, read ahead by `settings.workers` processes; a bad slide file raises its error."""
+    loader = DataLoader(_ReadErrors(bags), batch_size=None, sampler=order, num_workers=settings.workers,
+                        collate_fn=_as_is)
+    for bag in loader:
+        if isinstance(bag, Exception):
+            raise bag
+        yield bag
 
 
 def _as_is(bag: Bag) -> Bag:  # module level, so spawned workers can unpickle it
@@ -124,7 +147,7 @@ def train_epoch(model, bags: FeatureBags, task: Task, optimizer, settings: Train
     order = np.random.default_rng(settings.seed * 1000 + epoch).permutation(len(bags)).tolist()
     losses = []
     loader = _bags_in(bags, order, settings)
-    for step, bag in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
+    for step, bag in enumerate(tqdm(loader, total=len(order), desc=f"epoch {epoch}", leave=False, disable=None)):
         out = _forward(model, bag, settings)
         loss = LOSSES[task.type](out.logits, _to(bag, settings.device), task)
         if not torch.isfinite(loss):
