@@ -14,21 +14,38 @@ from .selective_scan import _use_kernel, extension
 KERNEL_SIZES = (1, 3, 5, 7)  # the kernels' templates (ops/csrc/lattice_conv.cu, `supported`)
 
 
+def conv_forward(x, weight, bias, height: int, width: int):
+    """The kernel's forward on x (..., C, height * width) contiguous: silu(conv(x) + bias), and what
+    `conv_backward` needs: (tensors, meta)."""
+    w = weight.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    out = extension().lattice_conv_fwd(x, w, b, height, width)
+    return out, ((x, w, b), (height, width, weight.dtype, None if bias is None else bias.dtype))
+
+
+def conv_backward(saved, grad):
+    """The kernel's backward: the gradients of x, weight and bias (None without a bias)."""
+    (x, w, b), (height, width, w_dtype, b_dtype) = saved
+    gx, gw, gb = extension().lattice_conv_bwd(grad.to(x.dtype).contiguous(), x, w, b, height, width)
+    return gx, gw.to(w_dtype), None if b is None else gb.to(b_dtype)
+
+
+def kernel_conv(weight: torch.Tensor) -> bool:
+    """Whether the conv's kernels have this weight: k in KERNEL_SIZES, not float64 (the input's device and dtype
+    are `selective_scan.kernels_for`'s to judge)."""
+    return weight.shape[-1] in KERNEL_SIZES and weight.dtype != torch.float64
+
+
 class _LatticeConvSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, height: int, width: int):
-        w = weight.float().contiguous()
-        b = None if bias is None else bias.float().contiguous()
-        ctx.save_for_backward(x, w, b)
-        ctx.meta = (height, width, weight.dtype, None if bias is None else bias.dtype)
-        return extension().lattice_conv_fwd(x, w, b, height, width)
+        out, (tensors, ctx.meta) = conv_forward(x, weight, bias, height, width)
+        ctx.save_for_backward(*tensors)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, b = ctx.saved_tensors
-        height, width, w_dtype, b_dtype = ctx.meta
-        gx, gw, gb = extension().lattice_conv_bwd(grad.to(x.dtype).contiguous(), x, w, b, height, width)
-        return gx, gw.to(w_dtype), None if b is None else gb.to(b_dtype), None, None
+        return (*conv_backward((ctx.saved_tensors, ctx.meta), grad), None, None)
 
 
 def lattice_conv_silu(x, weight, bias=None, *, height: int, width: int):
@@ -40,6 +57,6 @@ def lattice_conv_silu(x, weight, bias=None, *, height: int, width: int):
     """
     if height * width != x.shape[-1]:
         raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {x.shape[-1]}")
-    if weight.shape[-1] not in KERNEL_SIZES or weight.dtype == torch.float64 or not _use_kernel(x):
+    if not (kernel_conv(weight) and _use_kernel(x)):
         return lattice_conv_silu_ref(x, weight, bias, height=height, width=width)
     return _LatticeConvSilu.apply(x.contiguous(), weight, bias, int(height), int(width))

@@ -46,11 +46,16 @@ def extension():
 
 def _use_kernel(u: torch.Tensor) -> bool:
     """CUDA tensors of a kernel dtype with a working extension; CPU tensors and float64 take the reference."""
-    if not u.is_cuda:
+    return kernels_for(u.device, u.dtype)
+
+
+def kernels_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels run tensors of `dtype` on `device` (warns once on the host without a CUDA device)."""
+    if device.type != "cuda":
         if not torch.cuda.is_available():
             _fallback_once("no CUDA device")
         return False
-    return u.dtype in KERNEL_DTYPES and extension() is not None
+    return dtype in KERNEL_DTYPES and extension() is not None
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
@@ -78,32 +83,44 @@ def _batch_of_one(u, delta, B, C, z):
     return u[None], delta[None], B[None], C[None], None if z is None else z[None]
 
 
+def scan2d_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, height: int, width: int):
+    """The kernels' forward on rows already aligned (`aligned_width`), batched or unbatched (the batch dimension is
+    then added here: views that record no autograd node). Returns out (sum_n <C, h> + D u) * silu(z) in u's dtype,
+    with delta = softplus(delta + delta_bias), and what `scan2d_backward` needs: (tensors, meta)."""
+    specs = tuple(map(_spec, (u, delta, A, B, C, D, z, delta_bias)))
+    unbatched = u.dim() == 2
+    if unbatched:
+        u, delta, B, C, z = _batch_of_one(u, delta, B, C, z)
+    dtype = u.dtype
+    ins = (_aligned(u), _aligned(delta.to(dtype)), A.float().contiguous(), _grouped(B, dtype),
+           _grouped(C, dtype), None if D is None else D.float().contiguous(),
+           None if z is None else _aligned(z.to(dtype)),
+           None if delta_bias is None else delta_bias.float().contiguous())
+    out, ypre, ckpt = extension().scan2d_fwd(*ins, softplus, height, width, STRIP)
+    return out[0] if unbatched else out, ((*ins, ckpt, ypre), (softplus, height, width, specs))
+
+
+def scan2d_backward(saved, dout):
+    """The kernels' backward: the gradients of u, delta, A, B, C, D, z, delta_bias, each in its input's shape and
+    dtype (None for inputs not given)."""
+    (*ins, ckpt, ypre), (softplus, height, width, specs) = saved
+    grads = extension().scan2d_bwd(*ins, softplus, height, width, STRIP, ckpt, ypre,
+                                   _aligned(dout.reshape(ins[0].shape).to(ins[0].dtype)))
+    return tuple(_as(g, spec) for g, spec in zip(grads, specs))
+
+
 class _Scan2d(torch.autograd.Function):
-    """out = (sum_n <C, h> + D u) * silu(z) of the 2D scan in u's dtype, with delta = softplus(delta + delta_bias).
-    Unbatched inputs take their batch dimension here, where the views record no autograd nodes."""
+    """`scan2d_forward` / `scan2d_backward` as an autograd Function."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, height: int, width: int):
-        ctx.meta = (softplus, height, width, *map(_spec, (u, delta, A, B, C, D, z, delta_bias)))
-        unbatched = u.dim() == 2
-        if unbatched:
-            u, delta, B, C, z = _batch_of_one(u, delta, B, C, z)
-        dtype = u.dtype
-        ins = (_aligned(u), _aligned(delta.to(dtype)), A.float().contiguous(), _grouped(B, dtype),
-               _grouped(C, dtype), None if D is None else D.float().contiguous(),
-               None if z is None else _aligned(z.to(dtype)),
-               None if delta_bias is None else delta_bias.float().contiguous())
-        out, ypre, ckpt = extension().scan2d_fwd(*ins, softplus, height, width, STRIP)
-        ctx.save_for_backward(*ins, ckpt, ypre)
-        return out[0] if unbatched else out
+        out, (tensors, ctx.meta) = scan2d_forward(u, delta, A, B, C, D, z, delta_bias, softplus, height, width)
+        ctx.save_for_backward(*tensors)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        *ins, ckpt, ypre = ctx.saved_tensors
-        softplus, height, width, *specs = ctx.meta
-        grads = extension().scan2d_bwd(*ins, softplus, height, width, STRIP, ckpt, ypre,
-                                       _aligned(dout.reshape(ins[0].shape).to(ins[0].dtype)))
-        return (*(_as(g, spec) for g, spec in zip(grads, specs)), None, None, None)
+        return (*scan2d_backward((ctx.saved_tensors, ctx.meta), dout), None, None, None)
 
 
 def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,

@@ -167,3 +167,65 @@ def test_lattice_conv_silu_reference_is_a_depthwise_conv_with_same_padding_then_
     torch.testing.assert_close(got.reshape(-1), torch.nn.functional.silu(sums))
     with pytest.raises(ValueError, match="does not match"):
         ops.lattice_conv_silu(x, torch.ones(1, 1, 3, 3, dtype=torch.float64), height=3, width=5)
+
+
+def mixer_weights(d_model=8, d_inner=16, n=4, rank=2, k=3, kind="2d", seed=0, dtype=F64, device="cpu"):
+    """Random weights of Mamba's mixer for `ops.mamba_inner` (keyword arguments), in nn.Linear / nn.ConvNd layout,
+    the conv's bias not zero and delta in a range where the gates and decays are far from saturated."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale + shift).to(device=device, dtype=dtype)
+
+    conv = (d_inner, 1, k, k) if kind == "2d" else (d_inner, 1, k)
+    return dict(in_scale=rnd(d_model, scale=0.3, shift=1.0),
+                in_proj_weight=rnd(2 * d_inner, d_model, scale=d_model ** -0.5), conv_weight=rnd(*conv, scale=0.3),
+                conv_bias=rnd(d_inner, scale=0.5), x_proj_weight=rnd(rank + 2 * n, d_inner, scale=d_inner ** -0.5),
+                dt_proj_weight=rnd(d_inner, rank, scale=0.5), dt_proj_bias=rnd(d_inner, scale=0.5, shift=-2.0),
+                A_log=rnd(d_inner, n, scale=0.5), D=rnd(d_inner), out_proj_weight=rnd(d_model, d_inner, scale=0.2))
+
+
+def mixer_unfused(x, w, kind, height, width):
+    """`ops.mamba_inner` written as the chain of separate differentiable ops it fuses (references for conv, scan)."""
+    from ops.mamba_inner import causal_conv1d_silu
+
+    u, z = (w["in_proj_weight"] @ (x * w["in_scale"]).t()).chunk(2)
+    if kind == "2d":
+        u = ops.lattice_conv_silu_ref(u, w["conv_weight"], w["conv_bias"], height=height, width=width)
+    else:
+        u = causal_conv1d_silu(u, w["conv_weight"], w["conv_bias"], height, width)
+    n = w["A_log"].shape[1]
+    dt, B, C = (w["x_proj_weight"] @ u).split([w["dt_proj_weight"].shape[1], n, n])
+    args = (u[None], (w["dt_proj_weight"] @ dt)[None], -torch.exp(w["A_log"]), B[None], C[None], w["D"], z[None],
+            w["dt_proj_bias"], True)
+    y = selective_scan_2d_ref(*args, height=height, width=width) if kind == "2d" else selective_scan_1d_ref(*args)
+    return F.linear(y[0].t(), w["out_proj_weight"])
+
+
+@pytest.mark.parametrize("kind,height,width", [("2d", 3, 7), ("2d", 5, 1), ("1d", 1, 19)])
+def test_mamba_inner_is_the_chain_it_fuses(kind, height, width):
+    """The one-node mixer (hand-written backward, references as primitives) against the same chain of autograd
+    ops: the output and the gradients of x and every weight, in float64; and gradcheck of x through it. Without
+    in_scale too (a mixer without a norm before it)."""
+    w = {k: v.requires_grad_() for k, v in mixer_weights(kind=kind).items()}
+    x = torch.randn(height * width, 8, dtype=F64, requires_grad=True)
+    fused = ops.mamba_inner(x, **w, kind=kind, height=height, width=width)
+    chain = mixer_unfused(x, w, kind, height, width)
+    torch.testing.assert_close(fused, chain)
+    params = [x, *w.values()]
+    dout = torch.randn_like(chain)
+    for got, want, name in zip(torch.autograd.grad(fused, params, dout), torch.autograd.grad(chain, params, dout),
+                               ["x", *w]):
+        torch.testing.assert_close(got, want, msg=lambda m: f"d{name}: {m}")
+    assert torch.autograd.gradcheck(lambda x: ops.mamba_inner(x, **w, kind=kind, height=height, width=width), (x,))
+    w["in_scale"] = None
+    torch.testing.assert_close(ops.mamba_inner(x, **w, kind=kind, height=height, width=width),
+                               mixer_unfused(x, {**w, "in_scale": 1.0}, kind, height, width))
+
+
+def test_mamba_inner_rejects_a_bad_kind_or_shape():
+    w = mixer_weights()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ops.mamba_inner(torch.zeros(6, 8, dtype=F64), **w, kind="3d", height=2, width=3)
+    with pytest.raises(ValueError, match="does not match L = 6"):
+        ops.mamba_inner(torch.zeros(6, 8, dtype=F64), **w, kind="2d", height=2, width=4)
