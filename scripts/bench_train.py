@@ -48,13 +48,16 @@ def make_step(name: str, feats: torch.Tensor, grid: torch.Tensor,
     model's `grid_prep` done beforehand, as the trainer's data loader does it. The step returns the perf_counter times
     at which the host had issued the forward (and loss) and the backward. Returned with the model's grid_prep."""
     device = feats.device
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = create_model(name, in_dim=feats.shape[1], n_classes=2, **model_config(name)).to(device)
     optimizer = make_optimizer(model.parameters(), lr=1e-4)
     label = torch.tensor([1], device=device)
-    cuda = device.type == "cuda"
-    # the model's host work on the grid, which the trainer's data loader workers do as they read the slide
+    # the model's host work on the grid, which the trainer's data loader workers do as they read the slide, in pinned
+    # memory on CUDA as the loader hands it over
     prepared = model.grid_prep(grid) if model.grid_prep is not None else None
+    if cuda and prepared is not None:
+        prepared = prepared.pin_memory()
 
     def step() -> tuple[float, float]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and amp):

@@ -9,7 +9,7 @@ import torch
 
 from wsi_pipeline.feature_grids import arrangement_bag, tissue_cells
 from wsi_pipeline.models import create_model, list_models, survival_from_logits
-from wsi_pipeline.models.blocks import build_lattice
+from wsi_pipeline.models.blocks import build_lattice, place_on_lattice
 
 SMALL = dict(d_model=16, attn_hidden=16, dropout=0.0)
 SMALL_BY_MODEL = {"transmil": dict(d_model=16, heads=2, dropout=0.0)}
@@ -103,19 +103,62 @@ def test_lattice_is_widened_with_background_to_aligned_sides():
     assert (build_lattice(grid, max_cells=3 * 71).width, build_lattice(grid, max_cells=3 * 71).stride) == (70, 1)
 
 
+@pytest.mark.parametrize("max_cells", [1000, 12], ids=["one-row-per-cell", "merged"])
+def test_place_on_lattice_means_rows_pads_the_rest_and_has_their_gradients(max_cells):
+    """Cells hold the mean of their rows and the pad token where they have none; gradcheck of rows and pad (float64),
+    on the slide's own lattice and on one coarsened until cells merge rows."""
+    grid = torch.from_numpy(tissue_cells(6, 7, 20, np.random.default_rng(1)))
+    lattice = build_lattice(grid, max_cells)
+    assert lattice.merged == (max_cells == 12)
+    h = torch.randn(len(grid), 3, dtype=torch.float64, requires_grad=True)
+    pad = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    cells = place_on_lattice(h, lattice, pad)
+    for c in range(lattice.height * lattice.width):
+        rows = h[lattice.cell == c]
+        torch.testing.assert_close(cells[c], rows.mean(0) if len(rows) else pad)
+    assert torch.autograd.gradcheck(lambda h, pad: place_on_lattice(h, lattice, pad), (h, pad))
+
+
 def test_empty_grid_is_a_clear_error():
     with pytest.raises(ValueError, match="without patches"):
         build_lattice(torch.zeros(0, 2, dtype=torch.long), max_cells=1000)
 
 
+def test_packed_tensors_keep_their_values_through_pickling():
+    """`Packed` (the grid_prep results' form: one host buffer) gives back each tensor, dtype and shape, after the
+    trip to a data loader worker and back."""
+    from wsi_pipeline.models.blocks import Packed
+
+    tensors = [torch.arange(6, dtype=torch.int64).view(2, 3), torch.tensor([1.5, -2.0]), torch.arange(3, dtype=torch.int32),
+               torch.zeros(0, dtype=torch.int32)]
+    packed = pickle.loads(pickle.dumps(Packed(tensors)))
+    for got, want in zip(packed.to("cpu"), tensors):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lattice_reaches_the_device_in_one_copy_unchanged():
+    """Built on the host (packed), pinned as the trainer's data loader pins it, or built for the device: the same
+    tensors on the GPU."""
     grid = torch.from_numpy(tissue_cells(90, 75, 3000, np.random.default_rng(0)))
     host, device = build_lattice(grid, 10_000), build_lattice(grid, 10_000, torch.device("cuda"))
-    for name in ("cell", "count", "background", "score_bias"):
-        got = getattr(device, name)
-        assert got.is_cuda and got.dtype == getattr(host, name).dtype
-        torch.testing.assert_close(got.cpu(), getattr(host, name))
+    pinned = host.pin_memory()
+    assert pinned.packed.flat.is_pinned() and not host.packed.flat.is_pinned()
+    for moved in (device, pinned.to("cuda"), host.to("cuda")):
+        for name in ("cell", "count", "background", "score_bias"):
+            got = getattr(moved, name)
+            assert got.is_cuda and got.dtype == getattr(host, name).dtype
+            torch.testing.assert_close(got.cpu(), getattr(host, name))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["mamba2d", "mambamil", "mambamil_cross4"])
+def test_pinned_grid_prep_gives_the_models_own_output_on_the_gpu(name):
+    model = small_model(name).cuda().eval()
+    feats, grid, _ = tiny_bags()[1]
+    prepared = model.grid_prep(grid).pin_memory()
+    with torch.no_grad():
+        torch.testing.assert_close(model(feats.cuda(), grid, prepared).logits, model(feats.cuda(), grid).logits)
 
 
 def test_mamba2d_caps_huge_lattices_and_keeps_one_weight_per_row():
@@ -185,28 +228,6 @@ def test_core_claim_2d_arrangement_is_learnt_by_the_2d_scan_not_by_attention_poo
     assert _auc_after_training("mamba2d", d_state=8) >= 0.9
     torch.manual_seed(0)
     assert _auc_after_training("abmil") < 0.65
-
-
-@pytest.mark.parametrize("scan,shape", [("2d", (3, 70)), ("1d", None)], ids=["2d-3x70", "1d-70"])
-def test_mamba_block_widened_rows_are_exact(scan, shape):
-    """Rows the scan kernels cannot read with wide loads run widened by zero cells (70 -> 72 columns) and sliced
-    back: the block's output and every parameter gradient equal those of the block on the raw width."""
-    from wsi_pipeline.models.blocks import MambaBlock
-
-    torch.manual_seed(0)
-    block = MambaBlock(8, scan, d_state=4).double()
-    with torch.no_grad():  # non-trivial values where zero init would hide a leak across the widened cells
-        block.dt_proj.weight.mul_(20)
-        block.conv.conv.bias.normal_()
-    x = torch.randn(1, 210 if shape else 70, 8, dtype=torch.float64, requires_grad=True)
-    widened = block(x, shape)
-    params = [x, *block.parameters()]
-    grads = torch.autograd.grad(widened.square().sum(), params)
-    raw = block._mix(x, shape)
-    raw_grads = torch.autograd.grad(raw.square().sum(), params)
-    torch.testing.assert_close(widened, raw)
-    for got, want in zip(grads, raw_grads):
-        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("scan,shape", [("2d", (3, 70)), ("2d", (4, 8)), ("1d", None)],

@@ -188,3 +188,15 @@ def test_cli_sweep_with_submitit_local_and_a_clear_error(cohort, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "no features for 16 labelled slide(s)" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["mamba2d", "mambamil"])
+def test_a_fold_on_the_gpu_with_pinned_worker_reads(cohort, tmp_path, model):
+    """On CUDA the loader pins each bag (features and the packed grid_prep) in memory as its workers hand it over,
+    and the step copies it without blocking: a fold runs to its test metrics, bf16 autocast, finite predictions."""
+    metrics = run_fold(compose_config(overrides(cohort, tmp_path / "run", model, "demo", "device=cuda",
+                                                "train.workers=2", "train.cache=false")))
+    test = pd.read_csv(tmp_path / "run" / "fold_0" / "predictions_test.csv")
+    assert np.isfinite(test[["prob_0", "prob_1"]].to_numpy()).all() and 0 <= metrics["test"]["macro_auc"] <= 1

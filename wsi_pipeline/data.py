@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,12 @@ class Bag:
     grid: torch.Tensor  # (N, 2) long
     target: dict[str, torch.Tensor]
     prepared: Any = None  # the model's `grid_prep` of grid, when the bags were given one
+
+    def pin_memory(self) -> Bag:
+        """The bag with its features, and its prepared grid when that has a `pin_memory`, in pinned host memory: the
+        trainer's data loader calls this on CUDA (its pin_memory), so their copies to the GPU do not block."""
+        prepared = self.prepared.pin_memory() if hasattr(self.prepared, "pin_memory") else self.prepared
+        return replace(self, features=self.features.pin_memory(), prepared=prepared)
 
 
 class FeatureBags(Dataset):

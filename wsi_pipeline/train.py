@@ -105,7 +105,7 @@ def _forward(model: torch.nn.Module, bag: Bag, settings: TrainSettings):
     with _autocast(settings):
         # the grid stays on the host: models derive their lattice shapes from it without a device sync; what they
         # derive on the host (`grid_prep`) the data loader's workers have prepared
-        return model(bag.features.to(settings.device).float(), bag.grid, bag.prepared)
+        return model(bag.features.to(settings.device, non_blocking=True).float(), bag.grid, bag.prepared)
 
 
 class _ReadErrors(Dataset):
@@ -127,9 +127,10 @@ class _ReadErrors(Dataset):
 
 
 def _bags_in(bags: FeatureBags, order: list[int], settings: TrainSettings) -> Iterator[Bag]:
-    """Slides one at a time in `order`, read ahead by `settings.workers` processes; a bad slide file raises its error."""
+    """Slides one at a time in `order`, read ahead by `settings.workers` processes (in pinned memory on CUDA); a bad
+    slide file raises its error."""
     loader = DataLoader(_ReadErrors(bags), batch_size=None, sampler=order, num_workers=settings.workers,
-                        collate_fn=_as_is)
+                        collate_fn=_as_is, pin_memory=torch.device(settings.device).type == "cuda")
     for bag in loader:
         if isinstance(bag, Exception):
             raise bag

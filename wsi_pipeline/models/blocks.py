@@ -1,9 +1,8 @@
 """Blocks the MIL models share: input embedding, gated attention pooling, the lattice, the Mamba block.
 
-The Mamba block is parametrised by its scan kind (`"1d"`: causal conv + `ops.selective_scan_1d` over a
-sequence; `"2d"`: depthwise 3x3 conv on the lattice + `ops.selective_scan_2d`), so MambaMIL and
-2DMambaMIL share every line but the mixer. The scans are looked up in `ops` at call time, so the CUDA
-kernels that replace the references behind the same names are picked up without touching this file.
+The Mamba block is parametrised by its scan kind (`"1d"`: causal conv + the 1D selective scan over a
+sequence; `"2d"`: depthwise 3x3 conv on the lattice + the 2D selective scan), so MambaMIL and 2DMambaMIL share
+every line but the mixer, which is `ops.mamba_inner` of that kind.
 """
 from __future__ import annotations
 
@@ -62,6 +61,7 @@ class GatedAttentionPool(nn.Module):
         self.w = nn.Linear(hidden, 1)
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h.to(ops.compute_dtype(h))  # once: under autocast each of the three products would cast a float32 h
         scores = self.w(self.v(h) * self.u(h)).squeeze(-1).float()
         if bias is not None:  # an addition: no kernel in the backward (a masked_fill costs two each way)
             scores = scores + bias
@@ -70,6 +70,39 @@ class GatedAttentionPool(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- lattice
+
+
+class Packed:
+    """Host tensors in one flat host buffer, each a view of it: one pin (`pin_memory`, which the trainer's data loader
+    calls on what it hands over) and one copy move them all to a device (`to`), where each is a view again. The
+    models' host work on a slide's grid (`grid_prep`) returns its tensors packed, so the training step spends one
+    copy on them. (Each tensor's offset must suit its dtype: put the wider dtypes first.)"""
+
+    def __init__(self, tensors: list[torch.Tensor], flat: torch.Tensor | None = None):
+        self.specs = [(t.dtype, t.shape) for t in tensors]
+        if flat is None:
+            arrays = [t.detach().cpu().contiguous().numpy().reshape(-1).view(np.uint8) for t in tensors]
+            flat = torch.from_numpy(np.concatenate(arrays) if arrays else np.zeros(0, np.uint8))
+        self.flat = flat
+        self.tensors = self._cut(flat)
+
+    def _cut(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, start = [], 0
+        for dtype, shape in self.specs:
+            size = dtype.itemsize * math.prod(shape)
+            out.append(flat[start:start + size].view(dtype).view(shape))
+            start += size
+        return out
+
+    def pin_memory(self) -> Packed:
+        return self if self.flat.is_pinned() else Packed(self.tensors, self.flat.pin_memory())
+
+    def to(self, device: torch.device | str) -> list[torch.Tensor]:
+        """The tensors on `device`: one copy of the buffer, which does not block when it is pinned."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return list(self.tensors)
+        return self._cut(self.flat.to(device, non_blocking=self.flat.is_pinned()))
 
 
 @dataclass
@@ -84,37 +117,30 @@ class Lattice:
     width: int
     stride: int  # lattice cells per side merged into one (1 = the slide's own lattice)
     merged: bool  # some cell holds several rows (their mean is taken)
+    packed: Packed | None = None  # on the host: the four tensors above, packed (they are its views)
 
     @property
     def occupied(self) -> torch.Tensor:
         return self.count > 0
 
+    def pin_memory(self) -> Lattice:
+        """The lattice with its host tensors in pinned memory (its copies to the GPU then do not block)."""
+        if self.packed is None:
+            return self
+        packed = self.packed.pin_memory()
+        return replace(self, **dict(zip(LATTICE_TENSORS, packed.tensors)), packed=packed)
+
     def to(self, device: torch.device | str) -> Lattice:
-        """The lattice with its tensors on `device` (from the host: one copy that does not block)."""
-        cell, count, background, score_bias = to_device_together(
-            [self.cell, self.count, self.background, self.score_bias], torch.device(device))
-        return replace(self, cell=cell, count=count, background=background, score_bias=score_bias)
+        """The lattice with its tensors on `device` (from the host: one copy, which does not block when pinned)."""
+        device = torch.device(device)
+        if self.packed is None:  # built on a device
+            return replace(self, **{name: getattr(self, name).to(device) for name in LATTICE_TENSORS})
+        if device.type == "cpu":
+            return self
+        return replace(self, **dict(zip(LATTICE_TENSORS, self.packed.to(device))), packed=None)
 
 
-def to_device_together(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Tensors onto `device`; host tensors onto a CUDA device in one copy that does not block: numpy writes them one
-    after the other into one pinned buffer (each offset must suit its dtype's alignment: put the wider dtypes first),
-    copied non-blocking and viewed back on the device. torch's own `cat` and `pin_memory` of a lattice's ~0.6 MB
-    took 0.5 ms per call on the H200 machine's host (their copies go through the intra-op thread pool). The pinned
-    buffer comes from torch's caching host allocator, which hands it out again only once its copy has run."""
-    if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
-        return [t.to(device) for t in tensors]
-    arrays = [t.detach().contiguous().numpy().reshape(-1).view(np.uint8) for t in tensors]
-    flat = torch.empty(sum(a.nbytes for a in arrays), dtype=torch.uint8, pin_memory=True)
-    host, start = flat.numpy(), 0
-    for a in arrays:
-        host[start:start + a.nbytes] = a
-        start += a.nbytes
-    flat, out, start = flat.to(device, non_blocking=True), [], 0
-    for t, a in zip(tensors, arrays):
-        out.append(flat[start:start + a.nbytes].view(t.dtype).view(t.shape))
-        start += a.nbytes
-    return out
+LATTICE_TENSORS = ("cell", "count", "background", "score_bias")
 
 
 def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | str | None = None) -> Lattice:
@@ -149,21 +175,39 @@ def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | str
     empty = count == 0
     score_bias = np.zeros(len(count), np.float32)
     score_bias[empty] = -np.inf
-    host = Lattice(*map(torch.from_numpy, (cell, count, empty.astype(np.float32), score_bias)), height, width, stride,
-                   merged=bool(count.max() > 1))
+    packed = Packed([torch.from_numpy(a) for a in (cell, count, empty.astype(np.float32), score_bias)])
+    host = Lattice(*packed.tensors, height, width, stride, merged=bool(count.max() > 1), packed=packed)
     return host.to(grid.device if device is None else device)
 
 
 def place_on_lattice(h: torch.Tensor, lattice: Lattice, pad: torch.Tensor) -> torch.Tensor:
-    """(N, d) rows → (height * width, d) cells: mean of the rows in each cell, `pad` (d,) where there are none.
+    """(N, d) rows -> (height * width, d) cells in pad's dtype: the mean of the rows in each cell, `pad` (d,) where
+    there are none. One autograd node (`_PlaceOnLattice`): the step is bound by the host issuing kernels."""
+    return _PlaceOnLattice.apply(h, pad, lattice)
 
-    Written for few kernels (a training step is bound by their launches): a sum into zeros in place, the mean only
-    where cells merge rows, and the pad token added where there are none (its gradient: one product, one sum).
-    """
-    cells = h.new_zeros(lattice.height * lattice.width, h.shape[1]).index_add_(0, lattice.cell, h)
-    if lattice.merged:
-        cells = cells / lattice.count.clamp(min=1).to(h.dtype).unsqueeze(1)
-    return torch.addcmul(cells, lattice.background.to(h.dtype).unsqueeze(1), pad.to(h.dtype))
+
+class _PlaceOnLattice(torch.autograd.Function):
+    """Forward: the pad token on background cells (an outer product), the rows summed into their cells, divided by
+    the count only where cells merge rows. Backward: each row takes its cell's gradient (/ count), the pad token the
+    sum of the background cells' gradients as one matrix-vector product (PyTorch's column sum over the ~40 000 cells
+    of a 200 x 200 lattice took 35 us of GPU time, on the step's critical path)."""
+
+    @staticmethod
+    def forward(ctx, h, pad, lattice: Lattice):
+        cells = torch.outer(lattice.background.to(pad.dtype), pad).index_add_(0, lattice.cell, h.to(pad.dtype))
+        if lattice.merged:
+            cells /= lattice.count.clamp(min=1).to(pad.dtype).unsqueeze(1)
+        ctx.lattice, ctx.h_dtype = lattice, h.dtype
+        return cells
+
+    @staticmethod
+    def backward(ctx, grad):
+        lattice = ctx.lattice
+        rows = grad.index_select(0, lattice.cell)
+        if lattice.merged:
+            rows /= lattice.count[lattice.cell].to(grad.dtype).unsqueeze(1)
+        grad_pad = lattice.background.to(grad.dtype) @ grad if ctx.needs_input_grad[1] else None
+        return rows.to(ctx.h_dtype), grad_pad, None
 
 
 def row_attention(cell_weights: torch.Tensor, lattice: Lattice) -> torch.Tensor:
@@ -193,57 +237,27 @@ def raster_orders(grid: torch.Tensor, directions: int) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- mamba
 
 
-class CausalConv1d(nn.Module):
-    """Mamba's depthwise causal conv over the sequence (kernel k, left padding k - 1), then SiLU."""
-
-    def __init__(self, channels: int, kernel: int):
-        super().__init__()
-        self.conv = nn.Conv1d(channels, channels, kernel, padding=kernel - 1, groups=channels)
-
-    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u ([B,] C, L), channels first
-        return F.silu(self.conv(u)[..., : u.shape[-1]])
-
-
-class LatticeConv2d(nn.Module):
-    """Depthwise k x k conv on the lattice (zero padding at the border), then SiLU: the 2D analogue of Mamba's
-    conv, so a cell sees its 2D neighbours rather than its raster neighbours. `ops.lattice_conv_silu`: one CUDA
-    kernel each way on the GPU (PyTorch's depthwise conv and SiLU take five)."""
-
-    def __init__(self, channels: int, kernel: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
-
-    def forward(self, u: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:  # u ([B,] C, L), channels first
-        return ops.lattice_conv_silu(u, self.conv.weight, self.conv.bias, height=shape[0], width=shape[1])
-
-
-def _scan_1d(u, delta, A, B, C, D, z, delta_bias, shape):
-    return ops.selective_scan_1d(u, delta, A, B, C, D, z, delta_bias, True)
-
-
-def _scan_2d(u, delta, A, B, C, D, z, delta_bias, shape):
-    return ops.selective_scan_2d(u, delta, A, B, C, D, z, delta_bias, True, height=shape[0], width=shape[1])
-
-
-SCAN_KINDS = {"1d": (CausalConv1d, _scan_1d), "2d": (LatticeConv2d, _scan_2d)}
+CONVS = {"1d": nn.Conv1d, "2d": nn.Conv2d}  # the mixer's depthwise conv per scan kind (ops.mamba_inner's kinds)
 
 
 class MambaBlock(nn.Module):
-    """x + out_proj(scan(SiLU(conv(in_x)), z gating)) after RMSNorm; Mamba's parametrisation and init. The conv
-    modules apply the SiLU (the lattice conv fuses it into its kernels)."""
+    """x + out_proj(scan(SiLU(conv(in_x)), z gating)) after RMSNorm; Mamba's parametrisation and init. The mixer
+    runs as one autograd node, `ops.mamba_inner` (the CUDA conv and scan kernels on the GPU, the references
+    elsewhere): a MIL training step is bound by the host issuing kernels."""
 
     def __init__(self, d_model: int, scan: str = "2d", d_state: int = 16, expand: int = 2, d_conv: int = 3,
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1):
         super().__init__()
-        if scan not in SCAN_KINDS:
-            raise ValueError(f"scan must be one of {sorted(SCAN_KINDS)}, not {scan!r}")
-        conv, self._scan = SCAN_KINDS[scan]
+        if scan not in CONVS:
+            raise ValueError(f"scan must be one of {sorted(CONVS)}, not {scan!r}")
+        self.scan = scan
         d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.d_state = d_state
         self.norm = nn.RMSNorm(d_model)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
-        self.conv = conv(d_inner, d_conv)
+        # depthwise; padding is the mixer's (zero padding k // 2 on the lattice, k - 1 on the left of a sequence)
+        self.conv = CONVS[scan](d_inner, d_inner, d_conv, groups=d_inner)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
@@ -257,45 +271,18 @@ class MambaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
         """x (B, L, d_model), or one sequence (L, d_model) (MIL's slide: no batch views, each an autograd node in a
-        step bound by the host); `shape` = (height, width) of the lattice for the 2D scan (None: a sequence).
-
-        Rows (or a sequence) whose width the scan kernels cannot read with wide loads (`ops.aligned_width`) run
-        widened with zero cells on the right, then are sliced back: once here on the block's input rather than
-        inside the scan on each of its five inputs. Exact: a zero cell stays zero through RMSNorm and the
-        bias-free in_proj, so the conv sees the zeros of its own padding; the scan (and the 1D causal conv) never
-        carry right-hand cells into the ones on their left; out_proj and the residual are per cell.
-        """
-        height, width = shape if shape is not None else (1, x.shape[-2])
-        wide = ops.aligned_width(width)
-        if wide == width:
+        step bound by the host); `shape` = (height, width) of the lattice for the 2D scan (None: a sequence)."""
+        if x.dim() == 2:
             return self._mix(x, shape)
-        lead, d = x.shape[:-2], x.shape[-1]
-        x = F.pad(x.view(*lead, height, width, d), (0, 0, 0, wide - width)).view(*lead, height * wide, d)
-        out = self._mix(x, None if shape is None else (height, wide))
-        return out.view(*lead, height, wide, d)[..., :width, :].reshape(*lead, height * width, d)
+        if x.shape[0] == 1:  # squeeze, not x[0]: a select's backward writes a whole zero tensor, then a copy
+            return self._mix(x.squeeze(0), shape).unsqueeze(0)
+        return torch.stack([self._mix(xb, shape) for xb in x])
 
     def _mix(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
-        """The block proper, x + out_proj(scan(...)), one sequence at a time (MIL's batch is one slide)."""
-        if x.dim() == 2:
-            return self._mix_one(x, shape)
-        if x.shape[0] == 1:  # squeeze, not x[0]: a select's backward writes a whole zero tensor, then a copy
-            return self._mix_one(x.squeeze(0), shape).unsqueeze(0)
-        return torch.stack([self._mix_one(xb, shape) for xb in x])
-
-    def _mix_one(self, x: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
-        """x (L, d_model) → x + out_proj(scan(...)).
-
-        The mixer runs channels first, (channels, L), the layout of the conv and the scan. The projections are
-        plain 2D products of the nn.Linear weights with (transposed) activations, W @ x^T: cuBLAS reads transposed
-        operands as they are, so no activation is copied into another layout (a batched 3D matmul would copy its
-        input or output: three copies per forward, more in the backward).
-        """
-        xz = self.in_proj.weight @ self.norm(x).t()  # (2 d_inner, L)
-        u, z = xz.chunk(2, dim=0)
-        u = self.conv(u, shape)  # SiLU(conv(u)), (d_inner, L): the conv and the scans take unbatched inputs
-        dt, B, C = (self.x_proj.weight @ u).split([self.dt_rank, self.d_state, self.d_state], dim=0)
-        delta = self.dt_proj.weight @ dt
-        y = self._scan(u, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, self.dt_proj.bias.float(),
-                       shape)
-        # No cast of y to x's dtype: under autocast out_proj would cast it straight back; x + ... promotes.
-        return x + F.linear(y.t(), self.out_proj.weight)
+        """x (L, d_model) -> x + mixer(RMSNorm(x)). The norm's weight goes to the mixer, which folds it into in_proj
+        (`ops.mamba_inner`'s in_scale). No cast of the mixer's output to x's dtype: x + ... promotes."""
+        height, width = shape if shape is not None else (1, x.shape[0])
+        normed = F.rms_norm(x, self.norm.normalized_shape, None, self.norm.eps)
+        return x + ops.mamba_inner(normed, self.in_proj.weight, self.conv.weight, self.conv.bias, self.x_proj.weight,
+                                   self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight,
+                                   kind=self.scan, height=height, width=width, in_scale=self.norm.weight)

@@ -45,9 +45,9 @@ class Mamba2DMIL(nn.Module):
 
     def forward(self, features: torch.Tensor, grid: torch.Tensor, prepared: Lattice | None = None) -> MILOutput:
         lattice = (self.grid_prep(grid) if prepared is None else prepared).to(features.device)
-        # The residual stream stays float32 under bf16 autocast (as Mamba's residual_in_fp32): exact cell means,
-        # and RMSNorm sees matching dtypes (its fused kernel).
-        x = place_on_lattice(self.embed(features).float(), lattice, self.pad)  # (cells, d): no batch views
+        # The residual stream stays float32 under bf16 autocast (as Mamba's residual_in_fp32; the cells take the pad
+        # token's dtype): exact cell means, and RMSNorm sees matching dtypes (its fused kernel).
+        x = place_on_lattice(self.embed(features), lattice, self.pad)  # (cells, d): no batch views
         shape = (lattice.height, lattice.width)
         if self.column_first:  # scanning the transposed lattice row-first = the original one column-first
             x, shape = _transposed(x, shape), shape[::-1]

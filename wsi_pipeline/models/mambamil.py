@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import register_model
-from .blocks import GatedAttentionPool, MambaBlock, MILOutput, embed, raster_orders, to_device_together
+from .blocks import GatedAttentionPool, MambaBlock, MILOutput, Packed, embed, raster_orders
 
 
 class MambaMIL(nn.Module):
@@ -27,12 +27,11 @@ class MambaMIL(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.pool = GatedAttentionPool(d_model, attn_hidden)
         self.head = nn.Linear(d_model, n_classes)
-        self.grid_prep = functools.partial(raster_orders, directions=directions)
+        self.grid_prep = functools.partial(packed_raster_orders, directions=directions)
 
-    def forward(self, features: torch.Tensor, grid: torch.Tensor, prepared: list[torch.Tensor] | None = None
-                ) -> MILOutput:
+    def forward(self, features: torch.Tensor, grid: torch.Tensor, prepared: Packed | None = None) -> MILOutput:
         x = self.embed(features).float()  # float32 residual stream under bf16 autocast, as in mamba2d
-        orders = to_device_together(self.grid_prep(grid) if prepared is None else prepared, features.device)
+        orders = (self.grid_prep(grid) if prepared is None else prepared).to(features.device)
         for blocks in self.layers:
             update = torch.zeros_like(x)
             for block, order in zip(blocks, orders):
@@ -41,6 +40,11 @@ class MambaMIL(nn.Module):
             x = x + update
         pooled, weights = self.pool(self.norm(x))
         return MILOutput(self.head(pooled), weights)
+
+
+def packed_raster_orders(grid: torch.Tensor, directions: int) -> Packed:
+    """MambaMIL's `grid_prep`: the scan orders of `raster_orders`, packed for one copy to the device."""
+    return Packed(raster_orders(grid.cpu(), directions))
 
 
 @register_model
