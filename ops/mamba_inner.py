@@ -169,8 +169,12 @@ def mamba_inner(x, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_pro
 
     `kind` "2d": depthwise k x k conv on the lattice and the 2D scan (2DMambaMIL); "1d": causal conv and the 1D
     scan (MambaMIL). Returns (L, d_model) in the compute dtype (`compute_dtype`). On CUDA in a kernel dtype the
-    conv and scan kernels run (rows the kernels cannot read with wide loads run widened with zero cells on the
-    right, then are sliced back: exact, see `selective_scan._widen`), elsewhere the references.
+    conv and scan kernels run, elsewhere the references.
+
+    Rows (or a sequence) the kernels cannot read with wide loads (`aligned_width`) run widened with zero cells on the
+    right, then are sliced back: once here on x rather than inside the scan on each of its five inputs. Exact: a
+    zero cell stays zero through the bias-free in_proj, so the conv sees the zeros of its own padding; the scan (and
+    the causal conv) never carry right-hand cells into the ones on their left; out_proj is per cell.
     """
     if kind not in MIXERS:
         raise ValueError(f"kind must be one of {sorted(MIXERS)}, not {kind!r}")
