@@ -247,3 +247,19 @@ def test_mamba_block_takes_one_unbatched_sequence(scan, shape):
                          torch.autograd.grad(batched.square().sum(), [x, *params])):
         torch.testing.assert_close(got, want)
 
+
+
+@pytest.mark.parametrize("name", ["mamba2d", "mambamil"])
+def test_checkpoints_with_the_older_conv_names_still_load(name):
+    """Before the mixer became ops.mamba_inner, a block's conv sat one module deeper (`blocks.0.conv.conv.weight`):
+    such a state dict loads strictly and gives the same model."""
+    model = small_model(name)
+    old = {k.replace(".conv.", ".conv.conv."): v for k, v in model.state_dict().items()}
+    assert any(".conv.conv." in k for k in old)
+    torch.manual_seed(1)  # other initial weights, so the load has something to change
+    fresh = create_model(name, in_dim=8, n_classes=2, **SMALL_BY_MODEL.get(name, SMALL))
+    assert not torch.equal(fresh.blocks[0].conv.weight if name == "mamba2d" else fresh.layers[0][0].conv.weight,
+                           old[next(k for k in old if k.endswith("conv.conv.weight"))])
+    fresh.load_state_dict(old)
+    for (key, got), want in zip(fresh.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(got, want), key

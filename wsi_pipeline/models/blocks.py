@@ -268,6 +268,7 @@ class MambaBlock(nn.Module):
         dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.register_load_state_dict_pre_hook(_conv_one_level_up)
 
     def forward(self, x: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
         """x (B, L, d_model), or one sequence (L, d_model) (MIL's slide: no batch views, each an autograd node in a
@@ -286,3 +287,12 @@ class MambaBlock(nn.Module):
         return x + ops.mamba_inner(normed, self.in_proj.weight, self.conv.weight, self.conv.bias, self.x_proj.weight,
                                    self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight,
                                    kind=self.scan, height=height, width=width, in_scale=self.norm.weight)
+
+
+def _conv_one_level_up(module, state_dict, prefix, *args) -> None:
+    """Checkpoints (model.pt, resume.pt) written before the mixer became `ops.mamba_inner` held the block's conv one
+    module deeper (`conv.conv.weight`): load them under today's names, so a run resumes across that change."""
+    for name in ("weight", "bias"):
+        old = f"{prefix}conv.conv.{name}"
+        if old in state_dict:
+            state_dict[f"{prefix}conv.{name}"] = state_dict.pop(old)
