@@ -128,16 +128,20 @@ class Lattice:
         if self.packed is None:
             return self
         packed = self.packed.pin_memory()
-        return replace(self, **dict(zip(LATTICE_TENSORS, packed.tensors)), packed=packed)
+        return self._with(packed.tensors, packed)
 
     def to(self, device: torch.device | str) -> Lattice:
         """The lattice with its tensors on `device` (from the host: one copy, which does not block when pinned)."""
         device = torch.device(device)
         if self.packed is None:  # built on a device
-            return replace(self, **{name: getattr(self, name).to(device) for name in LATTICE_TENSORS})
+            return self._with([getattr(self, name).to(device) for name in LATTICE_TENSORS], None)
         if device.type == "cpu":
             return self
-        return replace(self, **dict(zip(LATTICE_TENSORS, self.packed.to(device))), packed=None)
+        return self._with(self.packed.to(device), None)
+
+    def _with(self, tensors: list[torch.Tensor], packed: Packed | None) -> Lattice:
+        """This lattice with `tensors` as its LATTICE_TENSORS, in that order."""
+        return replace(self, **dict(zip(LATTICE_TENSORS, tensors)), packed=packed)
 
 
 LATTICE_TENSORS = ("cell", "count", "background", "score_bias")
