@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from wsi_pipeline import h5io
 from wsi_pipeline.h5io import (FORMAT_VERSION, FeatureGrid, FormatError, Manifest, PatchGrid, atomic_path,
                                read_features, read_patches, write_features, write_patches)
 
@@ -53,3 +54,28 @@ def test_manifest_updates_rows_and_survives_reload(tmp_path):
     assert list(frame.columns) == ["slide_id", "source", "status", "n_patches", "seconds", "error"]
     assert frame.slide_id.tolist() == ["a", "b"] and frame.n_patches.tolist() == [12, 3]
     assert Manifest(tmp_path / "manifest.csv").rows["b"]["status"] == "ok"
+
+
+def test_atomic_path_is_private_to_its_process_and_clears_dead_leftovers(tmp_path):
+    """Two processes writing one file (the folds of a sweep, each rewriting summary.csv) must not share a temporary
+    file: one would rename or delete the other's. A killed process's leftover is removed by the next writer."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "summary.csv"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = h5io._HOST
+    leftover = tmp_path / f"summary.csv.{host}-{int(dead.stdout)}-0123abcd.tmp"
+    leftover.write_text("killed mid-write")
+    other_host = tmp_path / f"summary.csv.elsewhere-{int(dead.stdout)}-0123abcd.tmp"
+    other_host.write_text("a live writer on another machine sharing the disk")
+    with atomic_path(target) as first:
+        assert not leftover.exists() and other_host.exists()
+        first.write_text("first")
+        with atomic_path(target) as second:  # another writer while the first is open
+            second.write_text("second")
+        assert first.exists(), "a second writer removed or renamed the first one's temporary file"
+        assert first.name.startswith(f"summary.csv.{host}-{os.getpid()}-")
+    assert target.read_text() == "first"
+    assert {p.name for p in tmp_path.iterdir()} == {other_host.name, "summary.csv"}

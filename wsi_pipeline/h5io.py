@@ -1,12 +1,17 @@
 """The files between stages (see docs/formats.md): patch grids, feature grids, manifests; atomic writes.
 
-A file appears under its final name only once it is complete: it is written as `<name>.tmp` and
-renamed, so a killed run never leaves a half-written file where a finished one is expected.
+A file appears under its final name only once it is complete: it is written as `<name>.<host>-<pid>-<random>.tmp`
+and renamed, so a killed run never leaves a half-written file where a finished one is expected, and processes writing
+the same file at once (the folds of a sweep, each rewriting summary.csv) do not share a temporary file.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -26,16 +31,68 @@ class FormatError(RuntimeError):
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`, private to this process; rename it to `path` only if the block
+    succeeds, its bytes flushed to disk first (a power cut leaves the old file or the new one, not an empty one).
+    Temporary files that killed processes of this host left beside `path` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.unlink(missing_ok=True)
+    _remove_leftovers(path)
+    tmp = path.with_name(f"{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if need be) for the block: processes that read, then rewrite one
+    shared file (summary.csv after each fold of a parallel sweep) take turns, so none writes a stale one last."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on a file system that cannot sync one
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def _remove_leftovers(path: Path) -> None:
+    """This host's temporary files for `path` whose process is gone (other hosts' may be live: a shared disk)."""
+    prefix = f"{path.name}.{_HOST}-"
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*{TMP_SUFFIX}"):
+        pid = tmp.name[len(prefix):-len(TMP_SUFFIX)].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+    path.with_name(path.name + TMP_SUFFIX).unlink(missing_ok=True)  # the name used before pids were added
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _attr(value):
