@@ -121,6 +121,39 @@ def test_split_naming_unknown_or_repeated_cases(cohort, tmp_path):
         read_split(task_for(cohort, splits_dir=str(tmp_path)), 7, labels)
 
 
+def test_missing_skip_leaves_out_cases_without_features_and_an_empty_split_is_named(cohort, tmp_path, caplog):
+    """missing=skip drops slides before the split is read: a case whose every slide is gone is still a known case
+    (the split was made from the same labels CSV), left out with a warning, not 'unknown'. A split column left
+    with no slide (empty in the file, or emptied by the skip) is an error naming the file and the column."""
+    task = task_for(cohort)
+    labels = read_labels(task)
+    split = pd.read_csv(cohort.splits / "splits_0.csv", dtype=str)
+    gone = split["test"].dropna().iloc[0]
+    available = labels[labels.case_id != gone]
+    with caplog.at_level(logging.WARNING):
+        splits = read_split(task, 0, labels, available)
+    assert f"1 test case(s) have no slide with features and are left out: {gone}" in caplog.text
+    assert gone not in set(splits["test"].case_id) and len(splits["test"]) == split["test"].notna().sum() - 1
+    assert all(len(f) for f in splits.values())
+    val_only = split["val"].dropna()
+    with pytest.raises(DataError, match=r"splits_0.csv: the val split has no slides with features"):
+        read_split(task, 0, labels, labels[~labels.case_id.isin(val_only)])
+    emptied = split.assign(val=None)
+    emptied.to_csv(tmp_path / "splits_0.csv", index=False)
+    with pytest.raises(DataError, match=r"splits_0.csv: the val split has no slides; every fold needs"):
+        read_split(task_for(cohort, splits_dir=str(tmp_path)), 0, labels)
+
+
+def test_task_checks_its_metrics_and_label_indices_when_read(cohort):
+    with pytest.raises(DataError, match=r"unknown metric\(s\) \['c_index'\] for a classification task"):
+        task_for(cohort, metrics=["accuracy", "c_index"])
+    with pytest.raises(DataError, match=r"unknown metric\(s\) \['auc'\]"):
+        task_for(cohort, metrics=["accuracy", "auc"])
+    with pytest.raises(DataError, match=r"label_map indices must be 0 ... C-1.*\[1, 2\]"):
+        task_for(cohort, label_map={"benign": 1, "tumour": 2})
+    assert task_for(cohort, label_map={"benign": 0, "tumour": 1, "other": 1}).n_outputs == 2
+
+
 def test_splits_are_patient_level_stratified_and_cover_every_case_once():
     rng = np.random.default_rng(0)
     labels = pd.DataFrame([dict(case_id=f"c{i:02d}", slide_id=f"c{i:02d}_{s}", label=i % 3)
@@ -135,6 +168,8 @@ def test_splits_are_patient_level_stratified_and_cover_every_case_once():
         assert sorted(strata[list(cols["test"])].value_counts().tolist()) == [2, 2, 2]
         tested += cols["test"]
     assert sorted(tested) == sorted(set(labels.case_id))
+    with pytest.raises(DataError, match="k=1: k-fold splits need k >= 2"):
+        make_splits(labels, k=1)
 
 
 def test_splits_cli_writes_clam_files(cohort, tmp_path):

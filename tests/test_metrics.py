@@ -26,7 +26,10 @@ def test_classification_metrics_on_a_hand_checked_table():
     assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
     # per-class F1: class 0 (tp 1, fp 1, fn 1) .5; class 1 (tp 2, fp 1) .8; class 2 (tp 1, fn 1) 2/3
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
-    assert 0 < m["macro_auc"] <= 1 and -1 <= m["qwk"] < 1
+    # one-vs-rest AUCs: class 0 ranks 7 of its 8 (positive, negative) pairs right, classes 1 and 2 all of theirs
+    assert m["macro_auc"] == pytest.approx((7 / 8 + 1 + 1) / 3)
+    # preds [0, 1, 1, 1, 2, 0]; weights (i - j)^2 / 4: observed .25 + 1, expected (3.5 + 1.5 + 5.5) / 6 -> 1 - 1.25 / 1.75
+    assert m["qwk"] == pytest.approx(2 / 7)
     perfect = classification_table([0, 1, 2], [[.9, .05, .05], [.05, .9, .05], [.05, .05, .9]])
     assert compute_metrics(["qwk", "macro_auc"], perfect) == {"qwk": 1.0, "macro_auc": 1.0}
 
@@ -46,6 +49,7 @@ def test_c_index_follows_risk_order_and_ignores_censored_pairs():
 
 def test_unknown_metric_is_named():
     assert {"accuracy", "c_index", "qwk"} <= set(list_metrics())
+    assert "c_index" in list_metrics("survival") and "c_index" not in list_metrics("classification")
     with pytest.raises(KeyError, match="nope"):
         compute_metrics(["nope"], pd.DataFrame())
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .h5io import read_features
+from .metrics import list_metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,18 @@ class Task:
             raise DataError(f"task {self.name}: type must be one of {TASK_TYPES}, not {self.type!r}")
         if self.type == "classification" and not self.label_map:
             raise DataError(f"task {self.name}: a classification task needs a label_map (CSV label -> index)")
+        self.metrics = list(self.metrics)
+        unknown = [m for m in self.metrics if m not in list_metrics(self.type)]
+        if unknown:
+            raise DataError(f"task {self.name}: unknown metric(s) {unknown} for a {self.type} task; "
+                            f"known: {list_metrics(self.type)}")
         if self.monitor not in self.metrics:
             raise DataError(f"task {self.name}: monitor {self.monitor!r} must be one of its metrics {self.metrics}")
         self.label_map = {str(k): int(v) for k, v in dict(self.label_map).items()}
-        self.metrics = list(self.metrics)
+        indices = sorted(set(self.label_map.values()))
+        if indices != list(range(len(indices))):
+            raise DataError(f"task {self.name}: label_map indices must be 0 ... C-1 (the classes' output rows), "
+                            f"found {indices}")
 
     @classmethod
     def from_config(cls, values: dict) -> "Task":
@@ -118,8 +127,11 @@ def attach_features(labels: pd.DataFrame, features_dir: str | Path, missing: str
     return labels.assign(path=paths.map(str))[~absent].reset_index(drop=True)
 
 
-def read_split(task: Task, fold: int, labels: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The labelled slides of each split column of `<splits_dir>/splits_<fold>.csv` (all slides of a case)."""
+def read_split(task: Task, fold: int, labels: pd.DataFrame,
+               available: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """The slides of each split column of `<splits_dir>/splits_<fold>.csv` (all slides of a case), from `available`
+    (the labelled slides with features; default all of `labels`). Cases must be in `labels`; cases whose slides are
+    all unavailable (`missing=skip`) are left out with a warning. Every split must keep a slide."""
     path = Path(task.splits_dir) / f"splits_{fold}.csv"
     if not path.is_file():
         raise DataError(f"{path}: split file not found; make one with "
@@ -130,12 +142,24 @@ def read_split(task: Task, fold: int, labels: pd.DataFrame) -> dict[str, pd.Data
     cases = {col: set(table[col].dropna()) for col in SPLIT_COLUMNS}
     unknown = set().union(*cases.values()) - set(labels["case_id"])
     if unknown:
-        raise DataError(f"{path}: case id(s) not in the labels CSV (or without features): {_listing(unknown)}")
+        raise DataError(f"{path}: case id(s) not in the labels CSV {task.labels_csv}: {_listing(unknown)}")
     for i, a in enumerate(SPLIT_COLUMNS):
         for b in SPLIT_COLUMNS[i + 1:]:
             if cases[a] & cases[b]:
                 raise DataError(f"{path}: case(s) in both {a} and {b}: {_listing(cases[a] & cases[b])}")
-    return {col: labels[labels.case_id.isin(cases[col])].reset_index(drop=True) for col in SPLIT_COLUMNS}
+    available = labels if available is None else available
+    splits = {}
+    for col in SPLIT_COLUMNS:
+        dropped = cases[col] - set(available["case_id"])
+        if dropped:
+            log.warning("%s: %d %s case(s) have no slide with features and are left out: %s", path, len(dropped), col,
+                        _listing(dropped))
+        splits[col] = available[available.case_id.isin(cases[col])].reset_index(drop=True)
+        if splits[col].empty:
+            raise DataError(f"{path}: the {col} split has no slides" + (" with features" if dropped else "") +
+                            f"; every fold needs train, val and test cases (remake the splits with "
+                            f"`python -m wsi_pipeline.splits labels={task.labels_csv} out={task.splits_dir}`)")
+    return splits
 
 
 def survival_bins(train: pd.DataFrame, n_bins: int) -> np.ndarray:

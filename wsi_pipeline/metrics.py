@@ -1,7 +1,8 @@
 """Slide-level metrics, computed with scikit-learn and scikit-survival; a registry so a task names its metrics.
 
 Every metric takes the predictions table of DESIGN.md (`label, pred, prob_*` for classification;
-`survival_months, censorship, risk` for survival) and returns one float.
+`survival_months, censorship, risk` for survival) and returns one float; it is registered for the task type whose
+table it reads, so a task naming a metric of the other type fails when its YAML is read, not after an epoch.
 """
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ from sksurv.metrics import concordance_index_censored
 
 Metric = Callable[[pd.DataFrame], float]
 _METRICS: dict[str, Metric] = {}
+_TASK_TYPE: dict[str, str] = {}  # metric name -> the task type whose predictions table it reads
 
 
-def register_metric(fn: Metric) -> Metric:
-    _METRICS[fn.__name__] = fn
-    return fn
+def register_metric(task_type: str) -> Callable[[Metric], Metric]:
+    def register(fn: Metric) -> Metric:
+        _METRICS[fn.__name__], _TASK_TYPE[fn.__name__] = fn, task_type
+        return fn
+
+    return register
 
 
 def probabilities(pred: pd.DataFrame) -> np.ndarray:
@@ -27,22 +32,22 @@ def probabilities(pred: pd.DataFrame) -> np.ndarray:
     return pred[cols].to_numpy(dtype=float)
 
 
-@register_metric
+@register_metric("classification")
 def accuracy(pred: pd.DataFrame) -> float:
     return float(accuracy_score(pred["label"], pred["pred"]))
 
 
-@register_metric
+@register_metric("classification")
 def balanced_accuracy(pred: pd.DataFrame) -> float:
     return float(balanced_accuracy_score(pred["label"], pred["pred"]))
 
 
-@register_metric
+@register_metric("classification")
 def macro_f1(pred: pd.DataFrame) -> float:
     return float(f1_score(pred["label"], pred["pred"], average="macro"))
 
 
-@register_metric
+@register_metric("classification")
 def macro_auc(pred: pd.DataFrame) -> float:
     """Macro one-vs-rest ROC AUC over the classes present; NaN when only one class is present."""
     prob, labels = probabilities(pred), pred["label"].to_numpy()
@@ -54,13 +59,13 @@ def macro_auc(pred: pd.DataFrame) -> float:
     return float(np.mean([roc_auc_score(labels == k, prob[:, k]) for k in present]))
 
 
-@register_metric
+@register_metric("classification")
 def qwk(pred: pd.DataFrame) -> float:
     """Quadratic weighted Cohen's kappa (PANDA's ISUP grades are ordinal)."""
     return float(cohen_kappa_score(pred["label"], pred["pred"], weights="quadratic"))
 
 
-@register_metric
+@register_metric("survival")
 def c_index(pred: pd.DataFrame) -> float:
     """Harrell's concordance of `risk` with survival; censorship 1 = censored, so event = 1 - censorship.
 
@@ -75,8 +80,9 @@ def c_index(pred: pd.DataFrame) -> float:
         return float("nan")
 
 
-def list_metrics() -> list[str]:
-    return sorted(_METRICS)
+def list_metrics(task_type: str | None = None) -> list[str]:
+    """The registered metrics (of one task type when given)."""
+    return sorted(n for n in _METRICS if task_type in (None, _TASK_TYPE[n]))
 
 
 def compute_metrics(names: list[str], pred: pd.DataFrame) -> dict[str, float]:

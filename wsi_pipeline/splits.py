@@ -35,6 +35,8 @@ def case_strata(labels: pd.DataFrame) -> pd.Series:
 
 def make_splits(labels: pd.DataFrame, k: int, val_fraction: float = 0.1, seed: int = 0) -> list[pd.DataFrame]:
     """k tables with columns train, val, test of case ids; no case in two columns of a table."""
+    if k < 2:
+        raise DataError(f"k={k}: k-fold splits need k >= 2 (each fold tests on 1/k of the cases)")
     strata = case_strata(labels)
     if len(strata) < k:
         raise DataError(f"{len(strata)} cases cannot make {k} folds")
