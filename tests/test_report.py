@@ -192,6 +192,23 @@ def test_run_without_test_predictions_names_the_dir(tmp_path):
         load_run(tmp_path / "run")
 
 
+def test_stale_folds_and_unreadable_optional_files_are_left_out_with_a_warning(tmp_path):
+    """A fold trained with other settings than the run's config.yaml (another fold retrained with overwrite=true) is
+    not reported next to the others; a metrics.json that is not the trainer's object and an empty summary.csv are
+    warnings, not tracebacks."""
+    run = write_run(tmp_path, "survival", n_folds=3)
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "fold_0" / "config.yaml").write_text(yaml.safe_dump(recorded))
+    (run / "fold_1" / "config.yaml").write_text(yaml.safe_dump({**recorded, "train": {"epochs": 1}}))
+    (run / "fold_2" / "metrics.json").write_text("[1, 2]")
+    (run / "summary.csv").write_text("")
+    loaded = load_run(run)
+    assert [f.index for f in loaded.folds] == [0, 2] and loaded.summary is None
+    assert any("fold_1: trained with other values of ['train.epochs']" in w for w in loaded.warnings)
+    assert any("fold_2/metrics.json: holds a list" in w for w in loaded.warnings)
+    assert any("summary.csv: cannot read it as CSV" in w for w in loaded.warnings)
+
+
 def test_predictions_missing_columns_name_the_file_and_columns(tmp_path):
     path = tmp_path / "predictions_test.csv"
     pd.DataFrame({"case_id": ["a"], "slide_id": ["a"], "survival_months": [3.0]}).to_csv(path, index=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,11 +15,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from wsi_pipeline.data import DataError
 from wsi_pipeline.feature_grids import write_cohort
 from wsi_pipeline.h5io import FeatureGrid, read_features, write_features
 from wsi_pipeline.models import create_model
 from wsi_pipeline import train as train_module
-from wsi_pipeline.train import NonFiniteLoss, RunDirMismatch, compose_config, run_fold
+from wsi_pipeline.train import NonFiniteLoss, NonFiniteOutput, RunDirMismatch, compose_config, run_fold
 
 CLASSIFICATION_COLUMNS = ["case_id", "slide_id", "label", "pred", "prob_0", "prob_1"]
 SURVIVAL_COLUMNS = ["case_id", "slide_id", "survival_months", "censorship", "risk", "surv_0", "surv_1"]
@@ -150,6 +152,99 @@ def test_nan_loss_stops_names_the_slide_and_keeps_the_good_checkpoint(cohort, tm
     kept = torch.load(tmp_path / "run" / "fold_0" / "model.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(good[k], kept[k]) for k in good)
     assert not (tmp_path / "run" / "fold_0" / "metrics.json").exists()
+
+
+def _poisoned_copy(cohort, folder, split: str):
+    """A copy of the cohort's features with the first slide of `split` (fold 0) all NaN; returns (folder, slide id)."""
+    shutil.copytree(cohort.features, folder)
+    case = pd.read_csv(cohort.splits / "splits_0.csv", dtype=str)[split].dropna().iloc[0]
+    slide_id = case.replace("case", "slide")
+    grid = read_features(folder / f"{slide_id}.h5")
+    grid.features[:] = np.nan
+    write_features(folder / f"{slide_id}.h5", grid)
+    return folder, slide_id
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_nan_output_on_a_val_or_test_slide_stops_and_names_it(cohort, tmp_path, split):
+    """Not NaN probabilities written and scored (argmax of NaN is class 0): the run stops naming the slide and the
+    split. Found at the test split, the training is kept (resume.pt): the re-run after the fix does not retrain."""
+    poisoned, slide_id = _poisoned_copy(cohort, tmp_path / "features", split)
+    cfg = compose_config(overrides(cohort, tmp_path / "run", "abmil", "demo", f"features={poisoned}"))
+    where = "val split, epoch 0" if split == "val" else "test split, after training"
+    with pytest.raises(NonFiniteOutput, match=rf"not finite on slide {slide_id} \({where}\)"):
+        run_fold(cfg)
+    fold = tmp_path / "run" / "fold_0"
+    assert not (fold / "metrics.json").exists() and (fold / "resume.pt").is_file() == (split == "test")
+
+
+def test_a_kill_during_the_evaluation_keeps_the_training(cohort, tmp_path, monkeypatch):
+    cfg = compose_config(overrides(cohort, tmp_path, "abmil"))
+    real_write = train_module._write_attention
+
+    def killed(*args):
+        raise Killed
+
+    monkeypatch.setattr(train_module, "_write_attention", killed)
+    with pytest.raises(Killed):
+        run_fold(cfg)
+    monkeypatch.setattr(train_module, "_write_attention", real_write)
+    epochs_run = []
+    real_epoch = train_module.train_epoch
+    monkeypatch.setattr(train_module, "train_epoch", lambda *a, **k: epochs_run.append(a[5]) or real_epoch(*a, **k))
+    assert run_fold(cfg) is not None and epochs_run == []  # straight to the evaluation
+    assert (tmp_path / "fold_0" / "metrics.json").is_file() and not (tmp_path / "fold_0" / "resume.pt").exists()
+
+
+def test_run_dir_settings_are_checked_per_fold(cohort, tmp_path, caplog):
+    """A failed start (a typo in features=) does not lock the run dir; where and how fast a fold runs may change on
+    resume; a fold retrained with overwrite=true and other settings makes the others stale: out of summary.csv,
+    and refused when re-run without overwrite=true."""
+    with pytest.raises(DataError, match="no features"):
+        run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", f"features={tmp_path}/typo")))
+    for fold in (0, 1):
+        run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", f"fold={fold}")))
+    assert run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", "fold=1", "train.workers=1",
+                                             "train.cache=false", "device=cpu"))) is None
+    with caplog.at_level(logging.WARNING):
+        run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", "fold=0", "overwrite=true",
+                                          "train.epochs=1")))
+    assert "fold_1 trained with other settings" in caplog.text
+    assert pd.read_csv(tmp_path / "summary.csv").fold.astype(str).tolist() == ["0", "mean", "std"]
+    with pytest.raises(RunDirMismatch, match=r"fold_1 trained with other values of \['train.epochs'\]"):
+        run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", "fold=1", "train.epochs=1")))
+    run_fold(compose_config(overrides(cohort, tmp_path, "abmil", "demo", "fold=1", "train.epochs=1",
+                                      "overwrite=true")))
+    assert pd.read_csv(tmp_path / "summary.csv").fold.astype(str).tolist() == ["0", "1", "mean", "std"]
+
+
+def test_missing_skip_trains_without_a_case_whose_slides_have_no_features(cohort, tmp_path):
+    features = tmp_path / "features"
+    shutil.copytree(cohort.features, features)
+    case = pd.read_csv(cohort.splits / "splits_0.csv", dtype=str)["train"].dropna().iloc[0]
+    (features / f"{case.replace('case', 'slide')}.h5").unlink()
+    metrics = run_fold(compose_config(overrides(cohort, tmp_path / "run", "abmil", "demo", f"features={features}",
+                                                "missing=skip")))
+    assert metrics is not None and (tmp_path / "run" / "fold_0" / "metrics.json").is_file()
+
+
+def test_metrics_json_is_strict_json_when_a_metric_is_undefined(cohort, tmp_path, caplog):
+    """A validation split of one class: its AUC is undefined every epoch. metrics.json holds null (JSON has no NaN),
+    and the log says the last epoch's model was kept for want of a validation score."""
+    labels = pd.read_csv(cohort.labels, dtype=str)
+    by_class = [sorted(labels[labels.label == name].case_id) for name in sorted(labels.label.unique())]
+    val, test = by_class[0][:2], by_class[0][2:4] + by_class[1][:2]
+    train = [c for c in labels.case_id if c not in val + test]
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    pd.DataFrame({"train": pd.Series(train), "val": pd.Series(val), "test": pd.Series(test)}).to_csv(
+        splits / "splits_0.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        run_fold(compose_config(overrides(cohort, tmp_path / "run", "abmil", "demo", f"task.splits_dir={splits}")))
+    text = (tmp_path / "run" / "fold_0" / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds a bare {name}"))
+    assert metrics["val"]["macro_auc"] is None and metrics["best_epoch"] == 1
+    assert "validation macro_auc was not a number at any epoch" in caplog.text
 
 
 @pytest.mark.parametrize("bad", ["empty", "truncated"])

@@ -25,6 +25,12 @@ REQUIRED_COLUMNS = {
 }
 PROB_PREFIX = "prob_"
 FOLD_DIR = re.compile(r"^fold_(\d+)$")
+CONFIG = "config.yaml"  # the run's settings in the run dir, and each fold's own in fold_<k>/
+FOLD_KEYS = ("fold", "overwrite")  # settings of one invocation, not recorded in a config.yaml
+# Recorded, but free to differ between the folds of a run dir and between a killed fold and its resume: where and
+# how fast a fold runs, not what it learns.
+UNCOMPARED_KEYS = ("device", "train.workers", "train.cache")
+TRAINED_FILES = ("metrics.json", "model.pt", "resume.pt")  # a fold dir holding one was trained with its config.yaml
 
 
 class ReportError(RuntimeError):
@@ -131,16 +137,49 @@ def class_names(config: DictConfig | None, n_classes: int) -> list[str]:
     return names
 
 
-def flatten_metrics(data: dict, prefix: str = "") -> dict[str, float]:
-    """Nested metrics.json → {"test.auc": 0.9, ...}, numbers only."""
-    flat: dict[str, float] = {}
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested dicts → one level of dotted keys: {"train": {"lr": 1e-4}} → {"train.lr": 1e-4}."""
+    flat: dict = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(flatten_metrics(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
     return flat
+
+
+def flatten_metrics(data: dict) -> dict[str, float]:
+    """Nested metrics.json → {"test.auc": 0.9, ...}, numbers only."""
+    return {k: float(v) for k, v in flatten(data).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def config_changes(recorded: dict, current: dict) -> list[str]:
+    """The dotted keys whose values differ between two configs, but for UNCOMPARED_KEYS."""
+    a, b = flatten(recorded), flatten(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in UNCOMPARED_KEYS)
+
+
+def fold_config(fold_dir: Path) -> dict | None:
+    path = fold_dir / CONFIG
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
+
+
+def trained_folds(run_dir: Path) -> list[Path]:
+    """The fold dirs that hold a trained model, finished or not."""
+    found = [p for p in run_dir.glob("fold_*") if FOLD_DIR.match(p.name) and p.is_dir()]
+    return sorted(p for p in found if any((p / name).is_file() for name in TRAINED_FILES))
+
+
+def stale_folds(run_dir: Path) -> dict[Path, list[str]]:
+    """Trained folds whose config.yaml differs from the run's (a fold retrained with overwrite=true and other
+    settings made the others stale), with the keys that differ. A fold without its own config.yaml (trained before
+    folds recorded theirs) counts as the run's."""
+    if not (run_dir / CONFIG).is_file():
+        return {}
+    run = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG))
+    changes = {p: config_changes(recorded, run) for p in trained_folds(run_dir) if (recorded := fold_config(p))}
+    return {p: keys for p, keys in changes.items() if keys}
 
 
 def read_summary(path: Path) -> pd.DataFrame:
@@ -153,12 +192,18 @@ def read_summary(path: Path) -> pd.DataFrame:
     return rows.apply(pd.to_numeric, errors="coerce").dropna(axis=1, how="all")
 
 
-def _fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+def _fold_dirs(run_dir: Path, warnings: list[str]) -> list[tuple[int, Path]]:
     dirs = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := FOLD_DIR.match(p.name)) and p.is_dir()]
     found = sorted((k, p) for k, p in dirs if (p / "predictions_test.csv").is_file())
+    stale = stale_folds(run_dir)
+    for path, keys in sorted(stale.items()):
+        warnings.append(f"{path}: trained with other values of {keys} than the run's config.yaml; left out "
+                        "(retrain it with the run's settings: overwrite=true)")
+    found = [(k, p) for k, p in found if p not in stale]
     if not found:
-        raise ReportError(f"{run_dir}: no fold_<k>/predictions_test.csv; point run= at a finished training "
-                          "run dir (python -m wsi_pipeline.train ... writes one per task × model)")
+        raise ReportError(f"{run_dir}: no fold_<k>/predictions_test.csv" + (" trained with the run's settings"
+                          if stale else "") + "; point run= at a finished training run dir "
+                          "(python -m wsi_pipeline.train ... writes one per task × model)")
     return found
 
 
@@ -179,9 +224,14 @@ def _load_fold(index: int, path: Path, task_type: str, warnings: list[str]) -> F
     metrics_path = path / "metrics.json"
     if metrics_path.is_file():
         try:
-            metrics = flatten_metrics(json.loads(metrics_path.read_text()))
+            data = json.loads(metrics_path.read_text())
         except json.JSONDecodeError as err:
             warnings.append(f"{metrics_path}: not valid JSON ({err}); left out")
+        else:
+            if isinstance(data, dict):
+                metrics = flatten_metrics(data)
+            else:
+                warnings.append(f"{metrics_path}: holds a {type(data).__name__}, not the trainer's metrics object; left out")
     else:
         warnings.append(f"{metrics_path}: missing; the fold's metrics.json table leaves it out")
     return Fold(index, path, test, metrics)
@@ -192,8 +242,8 @@ def load_run(run_dir: str | Path, features: str | Path | None = None) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise ReportError(f"{path}: not a folder; run= must name a training run dir")
-    fold_dirs = _fold_dirs(path)
     warnings: list[str] = []
+    fold_dirs = _fold_dirs(path, warnings)
     config = load_config(path)
     if config is None:
         warnings.append(f"{path}: no config.yaml; task and model names come from the folder name")
@@ -202,7 +252,11 @@ def load_run(run_dir: str | Path, features: str | Path | None = None) -> Run:
     n_classes = len(prob_columns(folds[0].test)) if task_type == "classification" else 0
     summary = None
     if (path / "summary.csv").is_file():
-        summary = read_summary(path / "summary.csv")
+        try:
+            summary = read_summary(path / "summary.csv")
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+            warnings.append(f"{path / 'summary.csv'}: cannot read it as CSV ({err}); the metrics table comes from "
+                            "metrics.json only")
     else:
         warnings.append(f"{path / 'summary.csv'}: missing; the metrics table comes from metrics.json only")
     feature_dir = features if features is not None else _select(config, "features")

@@ -3,9 +3,9 @@
     python -m wsi_pipeline.train task=panda model=mamba2d features=out/features/uni fold=0
     python -m wsi_pipeline.train -m task=panda model=mamba2d features=... fold=0,1,2,3,4
 
-Writes, under `run_dir` (default runs/<task>/<model>): config.yaml, fold_<k>/{model.pt, metrics.json,
-predictions_val.csv, predictions_test.csv, attention_test.h5} and summary.csv (rebuilt from the fold dirs
-present after every fold, so a sweep resumes: finished folds are skipped unless overwrite=true).
+Writes, under `run_dir` (default runs/<task>/<model>): config.yaml, fold_<k>/{config.yaml, model.pt,
+metrics.json, predictions_val.csv, predictions_test.csv, attention_test.h5} and summary.csv (rebuilt from the fold
+dirs present after every fold, so a sweep resumes: finished folds are skipped unless overwrite=true).
 """
 from __future__ import annotations
 
@@ -31,17 +31,21 @@ from tqdm.auto import tqdm
 from . import data
 from .config import CONFIG_DIR, compose_app
 from .data import Bag, DataError, FeatureBags, Task
-from .h5io import FormatError, atomic_path, read_attrs
+from .h5io import FormatError, atomic_path, file_lock, read_attrs
 from .losses import cross_entropy, nll_survival
 from .metrics import compute_metrics
 from .models import create_model, survival_from_logits
+from .run_dir import CONFIG, FOLD_KEYS, config_changes, fold_config, stale_folds, trained_folds
 
 log = logging.getLogger(__name__)
-FOLD_KEYS = ("fold", "overwrite")  # config keys that may differ between the folds of one run dir
 
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged; the message says where and which checkpoint is the last good one."""
+
+
+class NonFiniteOutput(RuntimeError):
+    """The model's output on a validation or test slide is NaN or infinite (that slide's features, most often)."""
 
 
 class RunDirMismatch(RuntimeError):
@@ -167,12 +171,17 @@ def _to(bag: Bag, device: str) -> Bag:
 
 
 @torch.no_grad()
-def predict(model, bags: FeatureBags, task: Task, settings: TrainSettings) -> tuple[pd.DataFrame, dict]:
-    """DESIGN.md predictions table of a split, and each slide's attention (N,) float32."""
+def predict(model, bags: FeatureBags, task: Task, settings: TrainSettings, where: str) -> tuple[pd.DataFrame, dict]:
+    """DESIGN.md predictions table of a split, and each slide's attention (N,) float32. A non-finite output raises
+    NonFiniteOutput naming the slide and `where` (the split, the epoch): not NaN probabilities scored as a class."""
     model.eval()
     rows, attention = [], {}
     for i, bag in enumerate(_bags_in(bags, list(range(len(bags))), settings)):
         out = _forward(model, bag, settings)
+        if not torch.isfinite(out.logits).all():
+            raise NonFiniteOutput(f"the model's output is not finite on slide {bag.slide_id} ({where}); stopped. "
+                                  f"Check that slide's features ({bags.frame.path[i]}): NaN or inf values there "
+                                  "are the usual cause")
         ids = bags.frame.iloc[i][ID_COLUMNS[task.type]].to_dict()
         rows.append({**ids, **OUTPUT_COLUMNS[task.type](out.logits)})
         attention[bag.slide_id] = out.attention.float().cpu().numpy().astype(np.float32)
@@ -197,8 +206,8 @@ def fit(model, train: FeatureBags, val: FeatureBags, task: Task, settings: Train
     """AdamW + cosine schedule; keeps the weights of the best validation `task.monitor` (the later epoch on ties:
     a saturated metric such as AUC 1.0 on a small validation split should not freeze the model at its first
     epoch) in memory and, when `checkpoint` is given, on disk. With a checkpoint, the training state is also saved
-    after every epoch (`resume.pt` beside it), so a killed fold goes on from its last finished epoch.
-    Returns {best_epoch, val metrics, train losses}."""
+    after every epoch (`resume.pt` beside it), so a killed fold goes on from its last finished epoch; the caller
+    removes it once the fold's results are written. Returns {best_epoch, val metrics, train losses}."""
     model.to(settings.device)
     optimizer = make_optimizer(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(settings.epochs, 1))
@@ -213,7 +222,8 @@ def fit(model, train: FeatureBags, val: FeatureBags, task: Task, settings: Train
         last_good = str(checkpoint) if best["state"] is not None and checkpoint else "none yet"
         history.append(train_epoch(model, train, task, optimizer, settings, epoch, last_good))
         scheduler.step()
-        val_metrics = compute_metrics(task.metrics, predict(model, val, task, settings)[0])
+        val_frame = predict(model, val, task, settings, f"val split, epoch {epoch}")[0]
+        val_metrics = compute_metrics(task.metrics, val_frame)
         log.info("epoch %d: train loss %.4f, val %s", epoch, history[-1], _fmt(val_metrics))
         if best["state"] is None or _score(val_metrics, task.monitor) >= best["score"]:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -222,9 +232,10 @@ def fit(model, train: FeatureBags, val: FeatureBags, task: Task, settings: Train
                 save_checkpoint(checkpoint, state, {**(extra or {}), "epoch": epoch})
         if resume is not None:
             _save_resume(resume, epoch, model, optimizer, scheduler, best, history)
+    if best["score"] == -math.inf and settings.epochs > 0:
+        log.warning("the validation %s was not a number at any epoch (a validation split of one class, or without "
+                    "events?): the model of the last epoch is kept, not the best one", task.monitor)
     model.load_state_dict(best["state"])
-    if resume is not None:
-        resume.unlink(missing_ok=True)
     return {"best_epoch": best["epoch"], "val": best["val"], "train_loss": history}
 
 
@@ -268,18 +279,37 @@ def _fmt(metrics: dict[str, float]) -> str:
 # ------------------------------------------------------------------------------------- one fold on disk
 
 
-def _check_run_config(cfg: DictConfig, run_dir: Path) -> None:
-    """config.yaml records the run (features dir included); folds of one run dir must share it."""
+def _check_run_config(cfg: DictConfig, run_dir: Path, fold_dir: Path) -> dict:
+    """config.yaml records the run's settings (the features dir included), fold_<k>/config.yaml each fold's own. A
+    fold trains only with the settings the run dir's trained folds had (but for run_dir.UNCOMPARED_KEYS), unless
+    overwrite=true retrains it: the folds trained otherwise are then stale, left out of summary.csv and the report
+    until they are retrained too. Returns the settings to record."""
     current = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in FOLD_KEYS}
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        previous = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k not in FOLD_KEYS}
-        changed = sorted(k for k in set(current) | set(previous) if current.get(k) != previous.get(k))
-        if changed and not cfg.overwrite:
-            raise RunDirMismatch(f"{path}: this run dir was trained with other values of {changed}; "
-                                 "use another run_dir=, or overwrite=true to retrain its folds")
+    run_config = run_dir / CONFIG
+    previous = OmegaConf.to_container(OmegaConf.load(run_config)) if run_config.is_file() else None
+    conflicts = {}
+    for path in trained_folds(run_dir):
+        recorded = fold_config(path)
+        if recorded is None and previous is not None:  # trained before folds recorded their own settings
+            recorded = previous
+            _write_config(path / CONFIG, recorded)
+        if recorded is not None and (changed := config_changes(recorded, current)):
+            conflicts[path.name] = changed
+    if conflicts and not cfg.overwrite:
+        raise RunDirMismatch(f"{run_dir}: {', '.join(sorted(conflicts))} trained with other values of "
+                             f"{sorted(set().union(*conflicts.values()))}; use another run_dir=, or overwrite=true to "
+                             "retrain")
+    others = sorted(name for name in conflicts if name != fold_dir.name)
+    if others:
+        log.warning("%s: %s trained with other settings: left out of summary.csv and the report until retrained "
+                    "with these (overwrite=true)", run_dir, ", ".join(others))
+    _write_config(run_config, current)
+    return current
+
+
+def _write_config(path: Path, values: dict) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(current)))
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(values)))
 
 
 def _write_attention(path: Path, attention: dict[str, np.ndarray]) -> None:
@@ -294,8 +324,8 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 
 def load_fold_data(cfg: DictConfig, task: Task) -> tuple[dict[str, FeatureBags], np.ndarray | None]:
-    labels = data.attach_features(data.read_labels(task), cfg.features, cfg.missing)
-    splits = data.read_split(task, int(cfg.fold), labels)
+    labels = data.read_labels(task)
+    splits = data.read_split(task, int(cfg.fold), labels, data.attach_features(labels, cfg.features, cfg.missing))
     bins = data.survival_bins(splits["train"], task.n_bins) if task.type == "survival" else None
     return {name: FeatureBags(frame, task, bins, cache=cfg.train.cache) for name, frame in splits.items()}, bins
 
@@ -307,7 +337,7 @@ def run_fold(cfg: DictConfig) -> dict | None:
     task = Task.from_config(OmegaConf.to_container(cfg.task, resolve=True))
     run_dir = Path(cfg.run_dir)
     fold_dir = run_dir / f"fold_{cfg.fold}"
-    _check_run_config(cfg, run_dir)
+    settings_record = _check_run_config(cfg, run_dir, fold_dir)
     if (fold_dir / "metrics.json").is_file() and not cfg.overwrite:
         log.info("%s: finished already, skipped (overwrite=true redoes it)", fold_dir)
         write_summary(run_dir)
@@ -325,8 +355,11 @@ def run_fold(cfg: DictConfig) -> dict | None:
         bags.prepare = model.grid_prep
     meta = {"model": cfg.model.name, "model_cfg": model_cfg, "in_dim": in_dim, "n_classes": task.n_outputs,
             "task": task.name, "bins": None if bins is None else bins.tolist()}
+    _write_config(fold_dir / CONFIG, settings_record)  # before any checkpoint: they were trained with these
     result = fit(model, splits["train"], splits["val"], task, settings, fold_dir / "model.pt", meta)
-    return _evaluate(model, splits, task, settings, fold_dir, result, run_dir)
+    metrics = _evaluate(model, splits, task, settings, fold_dir, result, run_dir)
+    (fold_dir / RESUME_NAME).unlink(missing_ok=True)  # only now: a kill during the evaluation keeps the training
+    return metrics
 
 
 def _settings(cfg: DictConfig) -> TrainSettings:
@@ -339,24 +372,42 @@ def _settings(cfg: DictConfig) -> TrainSettings:
 def _evaluate(model, splits, task, settings, fold_dir: Path, result: dict, run_dir: Path) -> dict:
     metrics = {"best_epoch": result["best_epoch"], "train_loss": result["train_loss"]}
     for name in ("val", "test"):
-        frame, attention = predict(model, splits[name], task, settings)
+        frame, attention = predict(model, splits[name], task, settings, f"{name} split, after training")
         _write_csv(fold_dir / f"predictions_{name}.csv", frame)
         metrics[name] = compute_metrics(task.metrics, frame)
         if name == "test":
             _write_attention(fold_dir / "attention_test.h5", attention)
     with atomic_path(fold_dir / "metrics.json") as tmp:  # written last: its presence marks the fold finished
-        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.write_text(json.dumps(_json_numbers(metrics), indent=2, allow_nan=False))
     log.info("%s: test %s", fold_dir, _fmt(metrics["test"]))
     write_summary(run_dir)
     return metrics
 
 
+def _json_numbers(value):
+    """NaN and infinities as null: JSON has no NaN (json.dumps would write a bare NaN that other readers reject)."""
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_numbers(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_summary(run_dir: Path) -> pd.DataFrame:
-    """summary.csv: each finished fold's test metrics, then mean and std rows (from the fold dirs present)."""
-    rows = {}
-    for path in sorted(run_dir.glob("fold_*/metrics.json")):
-        rows[int(path.parent.name.split("_")[1])] = json.loads(path.read_text())["test"]
-    table = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    """summary.csv: each finished fold's test metrics, then mean and std rows (from the fold dirs present, but for
+    stale ones: `run_dir.stale_folds`). Folds of a parallel sweep finish at any time: each rewrites the file under a
+    lock, so the last to write has read every fold finished before it."""
+    with file_lock(run_dir / ".summary.lock"):
+        stale = stale_folds(run_dir)
+        rows = {}
+        for path in sorted(run_dir.glob("fold_*/metrics.json")):
+            if path.parent not in stale:
+                rows[int(path.parent.name.split("_")[1])] = json.loads(path.read_text())["test"]
+        return _write_summary_table(run_dir, rows)
+
+
+def _write_summary_table(run_dir: Path, rows: dict) -> pd.DataFrame:
+    table = pd.DataFrame.from_dict(rows, orient="index").astype(float).sort_index()  # null (NaN) metrics: NaN
     table.index = table.index.astype(str)
     if len(table):
         stats = pd.DataFrame({"mean": table.mean(), "std": table.std(ddof=0)}).T
@@ -375,7 +426,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return compose_app("train", overrides)
 
 
-EXPECTED_ERRORS = (DataError, FormatError, NonFiniteLoss, RunDirMismatch)
+EXPECTED_ERRORS = (DataError, FormatError, NonFiniteLoss, NonFiniteOutput, RunDirMismatch)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
