@@ -231,7 +231,8 @@ def _load_fold(index: int, path: Path, task_type: str, warnings: list[str]) -> F
             if isinstance(data, dict):
                 metrics = flatten_metrics(data)
             else:
-                warnings.append(f"{metrics_path}: holds a {type(data).__name__}, not the trainer's metrics object; left out")
+                warnings.append(f"{metrics_path}: holds a {type(data).__name__}, not the trainer's metrics object; "
+                                "left out")
     else:
         warnings.append(f"{metrics_path}: missing; the fold's metrics.json table leaves it out")
     return Fold(index, path, test, metrics)
