@@ -79,3 +79,18 @@ def test_atomic_path_is_private_to_its_process_and_clears_dead_leftovers(tmp_pat
         assert first.name.startswith(f"summary.csv.{host}-{os.getpid()}-")
     assert target.read_text() == "first"
     assert {p.name for p in tmp_path.iterdir()} == {other_host.name, "summary.csv"}
+
+
+@pytest.mark.parametrize("ids", [["001", "002", "1e5"], ["TRUE", "FALSE"]])
+def test_manifest_keeps_slide_ids_that_look_like_numbers(tmp_path, ids):
+    """A re-run reads the manifest back: ids such as 001 or 1e5 must stay those ids (read as numbers, 001 became 1,
+    a second row was added for "001", and sorting str with number ids failed)."""
+    first = Manifest(tmp_path / "manifest.csv")
+    for slide_id in ids:
+        first.record(slide_id, f"/slides/{slide_id}.tif", "ok", 3, 1.5)
+    again = Manifest(tmp_path / "manifest.csv")
+    again.record(ids[0], f"/slides/{ids[0]}.tif", "skipped", 3)
+    frame = pd.read_csv(tmp_path / "manifest.csv", dtype=str, keep_default_na=False)
+    assert sorted(frame.slide_id) == sorted(ids)
+    assert frame.set_index("slide_id").loc[ids[0], "status"] == "skipped"
+    assert again.rows[ids[1]]["n_patches"] == 3

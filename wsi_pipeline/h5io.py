@@ -199,8 +199,10 @@ class Manifest:
         self.path = Path(path)
         self.rows: dict[str, dict] = {}
         if self.path.is_file():
-            for row in pd.read_csv(self.path, keep_default_na=False).to_dict("records"):
-                self.rows[str(row["slide_id"])] = row
+            # ids and messages as text: a slide named 001, 1e5, TRUE or NA is not a number, a bool or missing
+            text = {c: str for c in ("slide_id", "source", "status", "error")}
+            for row in pd.read_csv(self.path, dtype=text, keep_default_na=False).to_dict("records"):
+                self.rows[row["slide_id"]] = row
 
     def record(self, slide_id: str, source: str, status: str, n_patches: int = 0, seconds: float = 0.0,
                error: str = "") -> None:
