@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+from wsi_pipeline.config import ConfigError
 from wsi_pipeline.h5io import read_attrs, read_patches
 from wsi_pipeline.preprocess import OutputLayout, compose_config, run
 from wsi_pipeline.qc import cell_borders
@@ -145,6 +146,9 @@ def test_failed_write_leaves_no_partial_outputs(slide_20x, tmp_path):
 def test_missing_slides_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SlideError, match="nowhere: not a folder of slides"):
         preprocess(tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SlideError, match="empty: no slide files in this folder"):
+        preprocess(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(SlideError, match="missing slides: python -m wsi_pipeline.preprocess slides=DIR out=DIR"):
         run(compose_config([f"out={tmp_path}"]))
 
@@ -161,6 +165,33 @@ def test_hydra_app_from_the_command_line(slide_20x, tmp_path):
     assert (attrs["patch_size"], attrs["patch_size_level0"], attrs["tissue_threshold"]) == (256, 256, 0.5)
     assert attrs["grid_shape"] == (12, 16)
     assert list((out / "logs" / "preprocess").glob("*/.hydra/config.yaml"))  # Hydra's record of the run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "b.svs").write_bytes(b"not a slide")
+    result = subprocess.run(cmd[:3] + [f"slides={bad}", f"out={tmp_path}/bad_out"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "every slide failed (1)" in result.stdout + result.stderr  # not "done", rc 0
+
+
+def test_bad_settings_fail_the_run_once_before_any_slide(slide_20x, tmp_path):
+    """Not one traceback per slide, nor 13 million 1-px patches recorded as ok: a setting out of its range fails
+    the run with one line naming the key and what it accepts, and nothing is written."""
+    slides = tmp_path / "slides"
+    link(slide_20x, slides / "a.tif")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_pipeline.preprocess", f"slides={slides}", f"out={out}", "segment.method=triangle",
+           "patching.patch_size=-5", f"hydra.run.dir={tmp_path}/hydra"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert "segment.method='triangle' (one of ['fixed', 'otsu'])" in output
+    with pytest.raises(ConfigError, match=r"patching.patch_size=-5 \(an integer number of pixels >= 16\)"):
+        run(compose_config([f"slides={slides}", f"out={out}", "patching.patch_size=-5"]))
+    with pytest.raises(ConfigError, match=r"patching.tissue_threshold=1.5 \(a tissue fraction 0-1\)"):
+        run(compose_config([f"slides={slides}", f"out={out}", "patching.tissue_threshold=1.5"]))
+    with pytest.raises(ConfigError, match=r"slide.mpp=-0.25 \(level-0 µm/px > 0, or null\)"):
+        run(compose_config([f"slides={slides}", f"out={out}", "slide.mpp=-0.25"]))
+    assert not out.exists()
 
 
 def test_qc_draws_the_borders_of_kept_cells_only():

@@ -17,16 +17,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from .config import CONFIG_DIR, ConfigError, check_settings, compose_app, positive
 from .h5io import Manifest, PatchGrid, write_patches
-from .config import CONFIG_DIR, compose_app
 from .patching import PatchParams, lattice_shape, patch_grid
 from .qc import draw_qc, write_thumbnail
 from .segment import SegmentParams, Segmentation, segment_slide, write_geojson
-from .slide import ReadPlan, Slide, SlideError, list_slides
+from .slide import SLIDE_EXTENSIONS, ReadPlan, Slide, SlideError, list_slides
 from .stage import Outcome, run_per_slide
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -40,12 +39,18 @@ class PreprocessSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "PreprocessSettings":
-        return cls(
-            segment=SegmentParams(**OmegaConf.to_container(cfg.segment)),
-            patching=PatchParams(**OmegaConf.to_container(cfg.patching)),
-            mpp_override=cfg.slide.mpp,
-            thumbnail_max_px=cfg.qc.thumbnail_max_px,
-        )
+        """The settings of configs/preprocess.yaml, checked: a bad value or unknown key is a ConfigError."""
+        groups = {"segment": SegmentParams, "patching": PatchParams}
+        made = {}
+        for name, params in groups.items():
+            values = OmegaConf.to_container(cfg[name])
+            unknown = sorted(set(values) - set(params.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(f"unknown {name} setting(s) {unknown}; known: {sorted(params.__dataclass_fields__)}")
+            made[name] = params(**values)
+        check_settings("slide", cfg.slide, {"mpp": (lambda v: v is None or positive(v), "level-0 µm/px > 0, or null")})
+        check_settings("qc", cfg.qc, {"thumbnail_max_px": (positive, "pixels > 0")})
+        return cls(**made, mpp_override=cfg.slide.mpp, thumbnail_max_px=cfg.qc.thumbnail_max_px)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ def run(cfg: DictConfig) -> list[Outcome]:
     layout = OutputLayout(Path(cfg.out))
     sources = list_slides(cfg.slides)
     if not sources:
-        log.warning("%s: no slide files found", cfg.slides)
+        raise SlideError(f"{cfg.slides}: no slide files in this folder (extensions {', '.join(SLIDE_EXTENSIONS)})")
     work = partial(process_slide, out=layout.root, settings=settings)
     outcomes = run_per_slide(sources, work, layout.patches, Manifest(layout.manifest), overwrite=cfg.overwrite,
                              workers=cfg.workers, desc="preprocess")
@@ -166,9 +171,13 @@ def compose_config(overrides: list[str]) -> DictConfig:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="preprocess", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
-    except SlideError as err:  # no or a bad `slides=` folder, duplicate slide ids: one line, not a traceback
+        outcomes = run(cfg)
+    except (SlideError, ConfigError) as err:  # no or a bad `slides=` folder, duplicate ids, a bad setting: one line
         log.error("%s", err)
+        sys.exit(1)
+    if all(o.status == "failed" for o in outcomes):  # nothing for the next stage: stop a chain of make targets
+        log.error("every slide failed (%d); the reasons are above and in %s", len(outcomes),
+                  OutputLayout(Path(cfg.out)).manifest)
         sys.exit(1)
 
 

@@ -23,6 +23,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from .config import check_settings, non_negative, positive
 from .h5io import atomic_path
 from .slide import Slide
 
@@ -47,6 +48,14 @@ class SegmentParams:
     closing_um: float = 64.0  # closing kernel: bridges thin gaps inside tissue
     min_tissue_mm2: float = 0.1  # smaller tissue pieces (net of holes) are dropped
     min_hole_mm2: float = 0.02  # smaller holes are filled
+
+    def __post_init__(self) -> None:
+        saturation_level = (lambda v: non_negative(v) and v <= 255, "a saturation 0-255")
+        check_settings("segment", self, {
+            "seg_mpp": (positive, "µm/px > 0"), "method": (lambda m: m in THRESHOLDS, f"one of {sorted(THRESHOLDS)}"),
+            "threshold": saturation_level, "min_saturation": saturation_level,
+            **{key: (non_negative, ">= 0") for key in ("median_um", "closing_um", "min_tissue_mm2", "min_hole_mm2")},
+        })
 
 
 @dataclass(frozen=True)
@@ -101,8 +110,6 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 def threshold_mask(rgb: np.ndarray, mpp: float, params: SegmentParams) -> tuple[np.ndarray, float]:
     """Saturation → median blur → threshold → closing. Returns the 0/1 mask and the threshold."""
-    if params.method not in THRESHOLDS:
-        raise ValueError(f"segment.method={params.method!r}; choose one of {sorted(THRESHOLDS)}")
     sat = cv2.medianBlur(saturation(rgb), odd_kernel(params.median_um, mpp))
     thresh = THRESHOLDS[params.method](sat, params)
     mask = (sat > thresh).astype(np.uint8)
