@@ -18,24 +18,40 @@ class ConfigError(ValueError):
     """A setting out of its range or not among its choices; the message names the key and what it accepts."""
 
 
-Rule = tuple[Callable[[Any], bool], str]  # (accepts the value?, what is accepted)
+Rule = tuple[Callable[[Any], bool], str]  # (accepts the value?, what it must be)
 
 
-def check_settings(group: str, settings: object, rules: dict[str, Rule]) -> None:
-    """Raise one ConfigError listing every field of `settings` (a dataclass of config group `group`) that its rule
-    rejects: checked when the settings are made, so a bad value fails the run once, before any slide."""
-    bad = [f"{group}.{key}={getattr(settings, key)!r} ({what})" for key, (accepts, what) in rules.items()
+def check_settings(group: str, settings: object, rules: dict[str, Rule], hint: str = "") -> None:
+    """Raise one ConfigError listing every field of `settings` (a dataclass or DictConfig of config group `group`,
+    "" for the top level) that its rule rejects: checked when a stage starts, so a bad value fails the run once,
+    before any slide."""
+    prefix = f"{group}." if group else ""
+    bad = [f"{prefix}{key}={getattr(settings, key)!r} (must be {what})" for key, (accepts, what) in rules.items()
            if not accepts(getattr(settings, key))]
     if bad:
-        raise ConfigError("invalid setting" + ("s" if len(bad) > 1 else "") + ": " + "; ".join(bad))
+        raise ConfigError(f"invalid setting(s): {'; '.join(bad)}" + (f"; {hint}" if hint else ""))
 
 
-def positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def non_negative(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+def one_of(*choices) -> Rule:
+    return (lambda v: v in choices), f"one of {', '.join(map(str, choices))}"
+
+
+def whole(minimum: int, *words: str) -> Rule:
+    """A whole number >= minimum, or one of `words` (such as "auto")."""
+    return ((lambda v: v in words or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum)),
+            " or ".join([*words, f"a whole number >= {minimum}"]))
+
+
+def positive(what: str = "a number") -> Rule:
+    return (lambda v: _number(v) and v > 0), f"{what} > 0"
+
+
+def within(low: float, high: float, what: str = "a number") -> Rule:
+    return (lambda v: _number(v) and low <= v <= high), f"{what} from {low} to {high}"
 
 
 def compose_app(app: str, overrides: list[str]) -> DictConfig:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .config import check_settings, non_negative, positive
+from .config import check_settings, positive, whole, within
 from .h5io import FORMAT_VERSION, PatchGrid
 from .slide import ReadPlan
 
@@ -26,11 +26,8 @@ class PatchParams:
     tissue_threshold: float = 0.25  # minimum tissue fraction of a kept cell (area average over the cell)
 
     def __post_init__(self) -> None:
-        check_settings("patching", self, {
-            "patch_size": (lambda v: isinstance(v, int) and v >= 16, "an integer number of pixels >= 16"),
-            "target_mpp": (positive, "µm/px > 0"),
-            "tissue_threshold": (lambda v: non_negative(v) and v <= 1, "a tissue fraction 0-1"),
-        })
+        check_settings("patching", self, {"patch_size": whole(16), "target_mpp": positive("µm/px"),
+                                          "tissue_threshold": within(0, 1, "a tissue fraction")})
 
 
 def lattice_shape(dimensions: tuple[int, int], patch_size_level0: int) -> tuple[int, int]:

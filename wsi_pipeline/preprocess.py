@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import CONFIG_DIR, ConfigError, check_settings, compose_app, positive
+from .config import CONFIG_DIR, ConfigError, check_settings, compose_app, positive, whole
 from .h5io import Manifest, PatchGrid, write_patches
 from .patching import PatchParams, lattice_shape, patch_grid
 from .qc import draw_qc, write_thumbnail
@@ -48,8 +48,8 @@ class PreprocessSettings:
             if unknown:
                 raise ConfigError(f"unknown {name} setting(s) {unknown}; known: {sorted(params.__dataclass_fields__)}")
             made[name] = params(**values)
-        check_settings("slide", cfg.slide, {"mpp": (lambda v: v is None or positive(v), "level-0 µm/px > 0, or null")})
-        check_settings("qc", cfg.qc, {"thumbnail_max_px": (positive, "pixels > 0")})
+        check_settings("slide", cfg.slide, {"mpp": (lambda v: v is None or positive()[0](v), "null or level-0 µm/px > 0")})
+        check_settings("qc", cfg.qc, {"thumbnail_max_px": whole(1)})
         return cls(**made, mpp_override=cfg.slide.mpp, thumbnail_max_px=cfg.qc.thumbnail_max_px)
 
 

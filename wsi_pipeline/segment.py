@@ -23,7 +23,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from .config import check_settings, non_negative, positive
+from .config import check_settings, one_of, positive, within
 from .h5io import atomic_path
 from .slide import Slide
 
@@ -50,11 +50,10 @@ class SegmentParams:
     min_hole_mm2: float = 0.02  # smaller holes are filled
 
     def __post_init__(self) -> None:
-        saturation_level = (lambda v: non_negative(v) and v <= 255, "a saturation 0-255")
         check_settings("segment", self, {
-            "seg_mpp": (positive, "µm/px > 0"), "method": (lambda m: m in THRESHOLDS, f"one of {sorted(THRESHOLDS)}"),
-            "threshold": saturation_level, "min_saturation": saturation_level,
-            **{key: (non_negative, ">= 0") for key in ("median_um", "closing_um", "min_tissue_mm2", "min_hole_mm2")},
+            "seg_mpp": positive("µm/px"), "method": one_of(*THRESHOLDS), "threshold": within(0, 255, "a saturation"),
+            "min_saturation": within(0, 255, "a saturation"),
+            **{key: within(0, math.inf) for key in ("median_um", "closing_um", "min_tissue_mm2", "min_hole_mm2")},
         })
 
 
