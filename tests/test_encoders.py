@@ -99,8 +99,9 @@ def test_uni_without_weights_says_it_is_gated_and_where_to_point(weights, expect
 def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(WeightsError, match=r"resnet18.pth: these weights do not fit"):
+    with pytest.raises(WeightsError, match=r"resnet18.pth: these weights do not fit") as err:
         create_encoder("resnet50_trunc", weights=str(path))
+    assert "download https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in str(err.value)  # what fits
     garbage = tmp_path / "notes.bin"
     garbage.write_text("not a checkpoint")
     with pytest.raises(WeightsError, match=r"notes.bin: cannot read it"):
@@ -121,21 +122,38 @@ def test_resnet50_trunc_is_torchvision_resnet50_to_layer3_pooled(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".legacy.pth"])
 def test_timm_encoder_loads_a_local_checkpoint_and_drops_its_head(tmp_path, suffix):
     model = timm.create_model("resnet18", pretrained=False).eval()  # with its 1000-class head
     path = tmp_path / f"resnet18{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
         save_file(model.state_dict(), str(path))
-    else:
-        torch.save({"state_dict": model.state_dict()}, path)
+    else:  # .legacy.pth: torch's pre-1.6 format, which cannot be memory-mapped
+        torch.save({"state_dict": model.state_dict()}, path, _use_new_zipfile_serialization=suffix == ".pth")
     encoder = create_encoder("timm", model_name="resnet18", weights=str(path))
     assert encoder.name == "timm_resnet18" and encoder.embed_dim == 512 and encoder.input_size == 224
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         np.testing.assert_allclose(encoder.model(x).numpy(), model.forward_head(model.forward_features(x), pre_logits=True).numpy(),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name, said", [
+    ("hf-hub:MahmoodLab/UNI", "a hf-hub: name makes timm fetch the model itself, and nothing is downloaded here"),
+    ("hf_hub:timm/resnet18.a1_in1k", "a hf_hub: name makes timm fetch the model itself"),
+    ("resnet_18", "not an architecture timm"),
+])
+def test_timm_names_that_would_download_or_do_not_exist_are_a_clear_error(tmp_path, model_name, said):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights")
+    with pytest.raises(WeightsError) as err:
+        create_encoder("timm", model_name=model_name, weights=str(path))
+    assert str(err.value).startswith(f"encoder.model_name={model_name}: {said}")
+    if model_name == "resnet_18":
+        assert "did you mean resnet18" in str(err.value)
+    else:
+        assert "encoder.weights=" in str(err.value)
 
 
 def test_encoder_configs_hold_no_hidden_weights_paths():

@@ -1,7 +1,9 @@
 """Feature extraction (stage 3) on generated slides: readers, loader, files, resume, sharding, bad input."""
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +19,11 @@ import torch
 from PIL import Image
 
 from wsi_pipeline.encoders import create_encoder
-from wsi_pipeline.extract import CellKey, Shard, compose_config, make_loader, run
-from wsi_pipeline.h5io import read_features, read_patches, write_patches
+from wsi_pipeline.config import ConfigError
+from wsi_pipeline.extract import CellKey, Extractor, Shard, compose_config, make_loader, run
+from wsi_pipeline.h5io import PatchGrid, read_features, read_patches, write_patches
 from wsi_pipeline.patch_reader import READERS, JpegTileReader, choose_reader
-from wsi_pipeline.slide import Slide
+from wsi_pipeline.slide import Slide, SlideError
 from wsi_pipeline.synthetic import SyntheticSlide, blobs, known_tissue_patches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,10 +279,11 @@ def test_shards_are_disjoint_and_complete():
 
 
 # -- bad input ------------------------------------------------------------------------------------
-def copy_cohort(cohort, tmp_path: Path) -> tuple[Path, Path]:
+def copy_cohort(cohort, tmp_path: Path, cases: range | list[int] = range(3)) -> tuple[Path, Path]:
+    """Links to (some of) the cohort's slides and patches files, in folders of their own."""
     slides, patches = tmp_path / "slides", tmp_path / "patches"
     slides.mkdir(), patches.mkdir()
-    for k in range(3):
+    for k in cases:
         (slides / f"case{k}.tif").symlink_to(cohort[0] / f"case{k}.tif")
         (patches / f"case{k}.h5").symlink_to(cohort[1] / f"case{k}.h5")
     return slides, patches
@@ -411,3 +415,169 @@ def test_workers_start_after_the_parent_used_opencv_threads(cohort, tmp_path):
         proc.communicate()
         pytest.fail("extraction hung in its DataLoader workers after the parent had used OpenCV threads")
     assert proc.returncode == 0, stderr[-2000:]
+
+
+def replace_patches(patches: Path, slide_id: str, grid: PatchGrid) -> None:
+    """Put `grid` where the link patches/<slide_id>.h5 was (the cohort's own file stays intact)."""
+    (patches / f"{slide_id}.h5").unlink()
+    write_patches(patches / f"{slide_id}.h5", grid)
+
+
+def test_patches_file_of_another_slide_fails_that_slide(cohort, tmp_path):
+    """A patches file copied from another slide (or of another size or resolution) never gives features."""
+    slides, patches = copy_cohort(cohort, tmp_path)
+    replace_patches(patches, "case0", read_patches(cohort[1] / "case1.h5"))  # case1's patches as case0's
+    with Slide(slides / "case1.tif") as slide:
+        w, h = slide.dimensions
+    wider = read_patches(cohort[1] / "case1.h5")
+    wider.attrs["level0_dimensions"] = (w + 1024, h)
+    replace_patches(patches, "case1", wider)
+    coarser = read_patches(cohort[1] / "case2.h5")
+    coarser.attrs["level0_mpp"] = 0.5
+    replace_patches(patches, "case2", coarser)
+    outcomes = {o.slide_id: o for o in run(extract_cfg(slides, patches, tmp_path / "out"))}
+    assert {o.status for o in outcomes.values()} == {"failed"}
+    for k, problem in enumerate(["slide_id is 'case1'", f"level-0 size is {w + 1024}x{h} px, the slide's {w}x{h}",
+                                 "level-0 resolution is 0.5 µm/px, the slide's 0.25"]):
+        error = outcomes[f"case{k}"].error
+        assert f"case{k}.h5 does not belong to {slides / f'case{k}.tif'}" in error and problem in error, error
+        assert "preprocessing" in error
+    assert not list((tmp_path / "out" / "random_proj_demo").glob("*.h5"))
+
+
+def test_patches_file_without_its_slide_is_reported(cohort, tmp_path, caplog):
+    slides, patches = copy_cohort(cohort, tmp_path, [0])
+    for k in (1, 2):
+        (patches / f"case{k}.h5").symlink_to(cohort[1] / f"case{k}.h5")
+    with caplog.at_level(logging.WARNING, logger="wsi_pipeline.extract"):
+        outcomes = run(extract_cfg(slides, patches, tmp_path / "out"))
+    assert [(o.slide_id, o.status) for o in outcomes] == [("case0", "ok")]
+    assert f"{patches}: 2 patches file(s) have no slide in the slides folder and are not extracted: case1, case2" \
+        in caplog.text
+
+
+def test_patches_file_with_no_patches_fails_that_slide(cohort, tmp_path):
+    slides, patches = copy_cohort(cohort, tmp_path, [0, 1])
+    grid = read_patches(cohort[1] / "case1.h5")
+    replace_patches(patches, "case1", PatchGrid(grid.coords[:0], grid.grid[:0], grid.attrs))
+    outcomes = {o.slide_id: o for o in run(extract_cfg(slides, patches, tmp_path / "out"))}
+    assert outcomes["case0"].status == "ok"
+    assert outcomes["case1"].status == "failed" and "case1.h5: 0 patches" in outcomes["case1"].error
+    assert not (tmp_path / "out" / "random_proj_demo" / "case1.h5").exists()
+
+
+@pytest.fixture(scope="module")
+def finished(cohort, tmp_path_factory):
+    """A features folder that a run finished with the default test settings: out/random_proj_demo/."""
+    out = tmp_path_factory.mktemp("finished")
+    assert [o.status for o in run(extract_cfg(*cohort, out))] == ["ok"] * 3
+    return out
+
+
+@pytest.mark.parametrize("change, attr", [("encoder.seed=1", "weights_sha256"), ("encoder.embed_dim=64", "embed_dim"),
+                                          ("encoder.input_size=224", "encoder_input_size"), ("patches", "read_size")])
+def test_resume_refuses_finished_files_made_with_other_settings(cohort, finished, tmp_path, change, attr):
+    """Skipping finished files made with other weights, width, input size or read plan would mix features."""
+    slides, patches = cohort
+    overrides = [change]
+    if change == "patches":  # case2 re-preprocessed since, with another read plan
+        slides, patches = copy_cohort(cohort, tmp_path)
+        grid = read_patches(cohort[1] / "case2.h5")
+        grid.attrs["read_size"] *= 2
+        replace_patches(patches, "case2", grid)
+        overrides = []
+    out = finished / "random_proj_demo"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ConfigError) as err:
+        run(extract_cfg(slides, patches, finished, *overrides))
+    message = str(err.value)
+    assert message.startswith(f"{out}: ") and f" {attr} " in message and "(this run: " in message, message
+    assert "out=" in message and "overwrite=true" in message
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # nothing written, not even the manifest
+
+
+def test_unreadable_finished_file_is_redone(cohort, finished, tmp_path, caplog):
+    out = tmp_path / "random_proj_demo"
+    shutil.copytree(finished / "random_proj_demo", out)
+    (out / "case2.h5").write_bytes(b"")  # e.g. a disk that filled up
+    with caplog.at_level(logging.WARNING, logger="wsi_pipeline.stage"):
+        outcomes = run(extract_cfg(*cohort, tmp_path))
+    assert [o.status for o in outcomes] == ["skipped", "skipped", "ok"]
+    assert f"{out / 'case2.h5'}: an existing output that cannot be read" in caplog.text
+    assert_same_files(finished / "random_proj_demo" / "case2.h5", out / "case2.h5")
+
+
+def test_duplicate_slide_ids_are_refused_before_sharding(cohort, tmp_path, monkeypatch):
+    """case0.tif and case0.tiff fall on two ranks (0 and 1 of 2); each rank still refuses to start."""
+    slides, patches = copy_cohort(cohort, tmp_path, [0, 1])
+    (slides / "case0.tiff").symlink_to(cohort[0] / "case0.tif")
+    assert [p.name for p in Shard(0, 2).take(sorted(slides.iterdir()))] == ["case0.tif", "case1.tif"]
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SlideError, match="two slides share the id 'case0'"):
+        run(extract_cfg(slides, patches, tmp_path / "out"))
+    assert not (tmp_path / "out" / "random_proj_demo").exists()
+
+
+BAD_SETTINGS = [("features_dtype=bfloat16", "one of float16, float32"),
+                ("reader=fast", "one of auto, openslide, jpeg_tiles"),
+                ("num_workers=-1", "auto or a whole number >= 0"),
+                ("precision=fp8", "one of bf16, fp16, fp32")]
+
+
+@pytest.mark.parametrize("setting, valid", BAD_SETTINGS)
+def test_bad_settings_stop_the_run_before_the_encoder_is_built(cohort, tmp_path, monkeypatch, setting, valid):
+    from wsi_pipeline import extract
+    monkeypatch.setattr(extract, "build_encoder", lambda cfg: pytest.fail("the encoder was built"))
+    key, value = setting.split("=")
+    with pytest.raises(ConfigError, match=f"invalid setting\\(s\\): {key}='?{value}'? \\(must be {valid}\\)"):
+        run(extract_cfg(*cohort, tmp_path, setting))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, code, said", [("bad setting", 2, "invalid setting(s): features_dtype='bfloat16'"),
+                                               ("no patches", 1, "all 3 slides failed")])
+def test_app_exit_status_on_bad_settings_and_when_every_slide_fails(cohort, tmp_path, case, code, said):
+    slides, patches = cohort
+    extra = ["features_dtype=bfloat16"] if case == "bad setting" else []
+    if case == "no patches":
+        patches = tmp_path / "empty"
+        patches.mkdir()
+    result = subprocess.run(cli(slides, patches, tmp_path / "out", *extra), cwd=REPO, env=env(), capture_output=True,
+                            text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output[-3000:]
+    assert said in output and "Traceback" not in output
+
+
+def test_float16_overflow_fails_the_slide_and_suggests_float32(cohort, tmp_path):
+    """Features beyond float16's range (65504) are not stored as inf: the slide fails; float32 stores them."""
+    slides, patches = copy_cohort(cohort, tmp_path, [0])
+    encoder = create_encoder("random_proj_demo")
+    encoder.model = torch.nn.Sequential(encoder.model, Scale(1e6))
+    [outcome] = run(extract_cfg(slides, patches, tmp_path / "out"), encoder)
+    assert outcome.status == "failed" and "not finite as float16" in outcome.error
+    assert "set features_dtype=float32" in outcome.error
+    assert not (tmp_path / "out" / "random_proj_demo" / "case0.h5").exists()
+    [outcome] = run(extract_cfg(slides, patches, tmp_path / "out", "features_dtype=float32"), encoder)
+    features = read_features(tmp_path / "out" / "random_proj_demo" / "case0.h5").features
+    assert outcome.status == "ok" and np.isfinite(features).all() and np.abs(features).max() > 65504
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def test_auto_workers_count_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """A container or batch job limited to 4 of a host's 64 cores: 3 workers, not 63."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = extract_cfg(tmp_path, tmp_path, tmp_path, "num_workers=auto")
+    extractor = Extractor(create_encoder("random_proj_demo"), tmp_path, tmp_path, cfg, torch.device("cpu"))
+    assert extractor.num_workers == 3

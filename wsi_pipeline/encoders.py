@@ -14,8 +14,10 @@ config (`encoder.weights=/path`); nothing is downloaded.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -116,26 +118,31 @@ def require_weights(weights: str | Path | None, help_text: str) -> Path:
     return path
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch checkpoint (unwrapping a `state_dict`/`model` entry), memory-mapped."""
+def load_state_dict(path: Path, help_text: str) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or torch checkpoint (unwrapping a `state_dict`/`model` entry).
+
+    Zip-format torch checkpoints (torch.save's default since 1.6) are memory-mapped; legacy ones
+    (`_use_new_zipfile_serialization=False`) cannot be, and are read into memory.
+    """
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
-        raise WeightsError(f"{path}: cannot read it as a PyTorch or safetensors checkpoint ({err})") from err
+        raise WeightsError(f"{path}: cannot read it as a PyTorch or safetensors checkpoint ({err}). {help_text}") from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: expected a dict of tensors (a state dict), found {type(state).__name__}")
+        raise WeightsError(f"{path}: expected a dict of tensors (a state dict), found {type(state).__name__}. "
+                           f"{help_text}")
     return state
 
 
-def load_into(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor], path: Path) -> nn.Module:
-    """Build `factory()` and load `state` (read from `path`) strictly.
+def load_into(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor], path: Path, help_text: str) -> nn.Module:
+    """Build `factory()` and load `state` (read from `path`) strictly; `help_text` says which file fits.
 
     The model is built on the meta device and takes the checkpoint's tensors as its own, so a
     300M-parameter ViT is not randomly initialised first; if the architecture keeps non-persistent
@@ -149,7 +156,7 @@ def load_into(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor], 
     try:
         model.load_state_dict(state, strict=True, assign=not on_meta)
     except RuntimeError as err:
-        raise WeightsError(f"{path}: these weights do not fit the architecture ({str(err)[:600]})") from err
+        raise WeightsError(f"{path}: these weights do not fit the architecture ({str(err)[:600]}). {help_text}") from err
     return model.float()
 
 
@@ -158,7 +165,8 @@ def load_into(factory: Callable[[], nn.Module], state: dict[str, torch.Tensor], 
 def uni(weights: str | None = None, input_size: int = 224) -> Encoder:
     """UNI (Chen et al., Nature Medicine 2024): ViT-L/16 trained on 100M pathology patches; 1024-d."""
     path = require_weights(weights, UNI_WEIGHTS_HELP)
-    model = load_into(lambda: timm.create_model(**UNI_ARCHITECTURE), load_state_dict(path), path)
+    model = load_into(lambda: timm.create_model(**UNI_ARCHITECTURE), load_state_dict(path, UNI_WEIGHTS_HELP), path,
+                      UNI_WEIGHTS_HELP)
     return Encoder("uni", model, 1024, input_size, IMAGENET_MEAN, IMAGENET_STD, sha256_of(path),
                    {"architecture": UNI_ARCHITECTURE["model_name"], "weights": str(path)})
 
@@ -184,25 +192,43 @@ class ResNet50Trunc(nn.Module):
 @register_encoder("resnet50_trunc")
 def resnet50_trunc(weights: str | None = None, input_size: int = 224) -> Encoder:
     path = require_weights(weights, RESNET50_WEIGHTS_HELP)
-    state = {k: v for k, v in load_state_dict(path).items() if not k.startswith(("layer4.", "fc."))}
-    model = load_into(ResNet50Trunc, state, path).to(memory_format=torch.channels_last)
+    state = {k: v for k, v in load_state_dict(path, RESNET50_WEIGHTS_HELP).items() if not k.startswith(("layer4.", "fc."))}
+    model = load_into(ResNet50Trunc, state, path, RESNET50_WEIGHTS_HELP).to(memory_format=torch.channels_last)
     return Encoder("resnet50_trunc", model, 1024, input_size, IMAGENET_MEAN, IMAGENET_STD, sha256_of(path),
                    {"architecture": "torchvision resnet50, layers 1-3 + average pool", "weights": str(path)})
+
+
+def check_timm_name(model_name: str) -> None:
+    """`model_name` must be an architecture of timm's registry: a Hub (`hf-hub:`) or folder name would download or
+    read weights timm's way, which this pipeline never does (weights come from `encoder.weights` only)."""
+    source, colon, rest = str(model_name).partition(":")
+    if colon:
+        raise WeightsError(
+            f"encoder.model_name={model_name}: a {source}: name makes timm fetch the model itself, and nothing is "
+            "downloaded here. Give timm's architecture name instead (e.g. encoder.model_name=vit_large_patch16_224, "
+            "with encoder.model_kwargs for its settings) and the checkpoint you downloaded yourself "
+            f"(for {rest}: its pytorch_model.bin or model.safetensors) as encoder.weights=/path")
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(str(model_name), timm.list_models(), n=3)
+        raise WeightsError(f"encoder.model_name={model_name}: not an architecture timm {timm.__version__} knows"
+                           + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"))
 
 
 @register_encoder("timm")
 def timm_encoder(model_name: str, weights: str | None = None, input_size: int | None = None,
                  model_kwargs: dict | None = None) -> Encoder:
     """Any timm architecture (`encoder.model_name=...`) with a local checkpoint; its classifier is dropped."""
-    path = require_weights(weights, f"the timm encoder needs a local checkpoint for {model_name} "
-                                    "(encoder.weights=/path/to/model.safetensors or .pth)")
+    check_timm_name(model_name)
+    help_text = (f"the timm encoder needs a local checkpoint for {model_name} "
+                 "(encoder.weights=/path/to/model.safetensors or .pth, downloaded yourself)")
+    path = require_weights(weights, help_text)
     kwargs = dict(model_kwargs or {})  # e.g. {img_size: 256} for a ViT fed other than its default size
     factory = lambda: timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)  # noqa: E731
     with torch.device("meta"):
         probe = factory()
     expected = set(probe.state_dict())
-    state = {k: v for k, v in load_state_dict(path).items() if k in expected}  # drops the classifier head
-    model = load_into(factory, state, path)
+    state = {k: v for k, v in load_state_dict(path, help_text).items() if k in expected}  # drops the classifier head
+    model = load_into(factory, state, path, help_text)
     config = timm.data.resolve_model_data_config(model)
     size = input_size or int(config["input_size"][-1])
     return Encoder(f"timm_{model_name}", model, int(model.num_features), size, tuple(config["mean"]),

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -30,18 +31,49 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .config import CONFIG_DIR, compose_app
+from .config import CONFIG_DIR, ConfigError, Rule, check_settings, compose_app, one_of, whole
 from .encoders import Encoder, WeightsError, create_encoder
-from .h5io import FeatureGrid, FormatError, Manifest, PatchGrid, read_patches, write_features
+from .h5io import FeatureGrid, FormatError, Manifest, PatchGrid, read_attrs, read_patches, write_features
 from .patch_reader import READERS, PatchReader, SlideSource, choose_reader
 from .slide import ReadPlan, Slide, SlideError, list_slides, slide_id_of
-from .stage import Outcome, run_per_slide
+from .stage import Outcome, check_unique_ids, run_per_slide
 
 log = logging.getLogger(__name__)
 
 PLAN_ATTRS = ("target_mpp", "patch_size", "patch_size_level0", "read_level", "read_size")
 OPEN_READERS_PER_WORKER = 2  # the slide in progress and the next one
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # autocast dtype on a GPU (None: off)
+# A patches file's level0_mpp and the slide's µm/px come from the same metadata: any real difference is another slide.
+MPP_MATCH_TOLERANCE = 1e-3
+
+
+# The run-wide settings checked before the encoder is built.
+SETTINGS: dict[str, Rule] = {
+    "reader": one_of("auto", *READERS),
+    "precision": one_of(*PRECISIONS),
+    "features_dtype": one_of(*FEATURE_DTYPES),
+    "num_workers": whole(0, "auto"),
+    "batch_size": whole(1),
+    "loader_batch_size": whole(1),
+    "prefetch_factor": whole(1),
+}
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Every run-wide setting at once, against its registry: one message naming each bad one."""
+    missing = [key for key in ("slides", "patches", "out") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: python -m wsi_pipeline.extract slides=DIR patches=DIR out=DIR")
+    check_settings("", cfg, SETTINGS, hint="see configs/extract.yaml")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or a batch job's share), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity on this platform
+        return os.cpu_count() or 1
 
 
 # -- reading cells in DataLoader workers ----------------------------------------------------------
@@ -157,6 +189,36 @@ def read_plan_of(patches: PatchGrid, path: Path) -> ReadPlan:
                     int(a["read_level"]), int(a["read_size"]))
 
 
+def check_patches_fit(patches: PatchGrid, path: Path, slide: Slide, plan: ReadPlan) -> None:
+    """The patches file must have been made from this slide: its id, level-0 size and µm/px (where recorded)."""
+    a = patches.attrs
+    problems = []
+    if a.get("slide_id") != slide.slide_id:
+        problems.append(f"its slide_id is {a['slide_id']!r}" if "slide_id" in a else "it has no slide_id attr")
+    if "level0_dimensions" in a and tuple(map(int, a["level0_dimensions"])) != tuple(slide.dimensions):
+        (w, h), (sw, sh) = a["level0_dimensions"], slide.dimensions
+        problems.append(f"its level-0 size is {w}x{h} px, the slide's {sw}x{sh} px")
+    if "level0_mpp" in a and not math.isclose(float(a["level0_mpp"]), slide.mpp, rel_tol=MPP_MATCH_TOLERANCE):
+        problems.append(f"its level-0 resolution is {float(a['level0_mpp']):.4g} µm/px, the slide's {slide.mpp:.4g}")
+    if plan.read_level >= slide.level_count:
+        problems.append(f"it reads level {plan.read_level}, the slide has {slide.level_count} levels")
+    if problems:
+        raise FormatError(f"{path} does not belong to {slide.path}: {'; '.join(problems)}. "
+                          "Re-run preprocessing for this slide (or put its own patches file there)")
+
+
+def same_attr(have: object, want: object) -> bool:
+    if isinstance(have, (int, float)) and isinstance(want, (int, float)):
+        return math.isclose(have, want, rel_tol=1e-9)
+    return have == want
+
+
+def shown(value: object) -> str:
+    """An attr value for a message; a sha256 is cut to its first 12 digits."""
+    text = str(value)
+    return f"{text[:12]}..." if len(text) > 20 else text
+
+
 class Extractor:
     """The per-slide work function of the stage: `extractor(slide_path) -> n_patches`, writing one file.
 
@@ -192,22 +254,65 @@ class Extractor:
         patches = read_patches(patches_path)
         plan = read_plan_of(patches, patches_path)
         with Slide(slide_path, mpp_override=patches.attrs.get("level0_mpp")) as slide:
-            if plan.read_level >= slide.level_count:
-                raise FormatError(f"{patches_path}: read_level {plan.read_level} but {slide_path} has "
-                                  f"{slide.level_count} levels; were the patches made from another file?")
+            check_patches_fit(patches, patches_path, slide, plan)
+            if not len(patches):
+                raise FormatError(f"{patches_path}: 0 patches, so there is nothing to extract for {slide_path}; "
+                                  "a slide needs tissue: check its thumbnail and re-run preprocessing for it")
             return PreparedSlide(patches, choose_reader(slide, plan, self.cfg.reader))
+
+    @property
+    def encoder_attrs(self) -> dict:
+        """What a features file says about the encoder that made it (beside the patches file's attrs)."""
+        return {"encoder": self.encoder.name, "embed_dim": self.encoder.embed_dim,
+                "weights_sha256": self.encoder.weights_sha256, "encoder_input_size": self.encoder.input_size}
+
+    def check_resumable(self, slides: Sequence[Path]) -> None:
+        """Raise ConfigError if finished feature files of `slides` (which a resumed run skips) were made with
+        another encoder, weights, input size or read plan than this run would use: one folder, one kind of features.
+
+        Files that cannot be read are left to the stage, which redoes them.
+        """
+        differences: Counter[tuple[str, str, str]] = Counter()  # (attr, file's value, this run's) -> files
+        n_finished = n_different = 0
+        for slide in slides:
+            slide_id = slide_id_of(slide)
+            try:
+                have = read_attrs(self.output_of(slide_id))
+            except FormatError:  # no file, or an unreadable one
+                continue
+            want = {**self.encoder_attrs, **self.plan_attrs(slide_id)}
+            differ = [(key, shown(have.get(key, "(missing)")), shown(value)) for key, value in want.items()
+                      if not same_attr(have.get(key), value)]
+            differences.update(differ)
+            n_finished, n_different = n_finished + 1, n_different + bool(differ)
+        if differences:
+            details = "; ".join(f"{key} {have} (this run: {want}) in {n} file(s)"
+                                for (key, have, want), n in differences.items())
+            raise ConfigError(
+                f"{self.out_dir}: {n_different} of its {n_finished} finished feature files were made with other "
+                f"settings than this run's, and resuming would skip them and mix two kinds of features in one folder: "
+                f"{details}. Write this run to another folder (out=ANOTHER_FOLDER), or redo those files with this "
+                "run's settings (overwrite=true)")
+
+    def plan_attrs(self, slide_id: str) -> dict:
+        """The read-plan attrs of the slide's current patches file ({} if it has none that can be read)."""
+        try:
+            attrs = read_attrs(self.patches_dir / f"{slide_id}.h5")
+        except FormatError:
+            return {}
+        return {key: attrs[key] for key in PLAN_ATTRS if key in attrs}
 
     def __call__(self, slide_path: Path) -> int:
         ready, features = self.extract(slide_path)
-        attrs = {**ready.patches.attrs, "encoder": self.encoder.name, "embed_dim": self.encoder.embed_dim,
-                 "weights_sha256": self.encoder.weights_sha256, "encoder_input_size": self.encoder.input_size}
+        attrs = {**ready.patches.attrs, **self.encoder_attrs}
         grid = FeatureGrid(ready.patches.coords, ready.patches.grid, attrs, features=self.to_storage(features, slide_path))
         write_features(self.output_of(slide_id_of(slide_path)), grid)
         return len(grid)
 
     def to_storage(self, features: np.ndarray, slide_path: Path) -> np.ndarray:
         dtype = FEATURE_DTYPES[self.cfg.features_dtype]
-        stored = features.astype(dtype)
+        with np.errstate(over="ignore"):  # an overflow is reported just below, as the slide's error
+            stored = features.astype(dtype)
         if not np.isfinite(stored).all():
             raise SlideError(f"{slide_path}: features are not finite as {self.cfg.features_dtype} "
                              f"(largest |value| {np.abs(features).max():.3g}); set features_dtype=float32")
@@ -234,11 +339,13 @@ class Extractor:
         position = self.stream.position[slide]
         while slide not in self.stream.prepared:  # the sampler has not reached it: pull until it has
             batch = self.next_batch()
-            if batch is None:
-                raise RuntimeError(f"{slide}: the stream of cells ended before this slide")
+            if batch is None:  # the sampler is done: it prepared every slide, and the last ones gave no cells
+                break
             if self.stream.position[batch["slide"]] >= position:
                 self.pushed_back.append(batch)
                 break
+        if slide not in self.stream.prepared:
+            raise RuntimeError(f"{slide}: the stream of cells ended before this slide")
         ready = self.stream.prepared.pop(slide)
         if isinstance(ready, Exception):
             raise ready
@@ -294,7 +401,7 @@ class Extractor:
         n, size = len(x), int(self.cfg.batch_size)
         if self.cfg.compile and n < size:  # one static shape for the compiled graph
             x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
-        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        precision = PRECISIONS[self.cfg.precision]
         with torch.autocast(self.device.type, dtype=precision, enabled=precision is not None and self.device.type == "cuda"):
             return self.model(x)[:n].float()
 
@@ -303,7 +410,7 @@ class Extractor:
         if self.cfg.num_workers != "auto":
             return int(self.cfg.num_workers)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        return max(0, (os.cpu_count() or 1) // local_world - 1)
+        return max(0, available_cpus() // local_world - 1)
 
     def close(self) -> None:
         self.stream = self.batches = None  # drops the loader's iterator and with it the worker processes
@@ -391,26 +498,32 @@ def run(cfg: DictConfig, encoder: Encoder | None = None) -> list[Outcome]:
     """Extract features for every slide of cfg.slides (this rank's shard) into cfg.out/<encoder>/.
 
     `encoder` (built from cfg.encoder when not given) lets a caller that already holds it skip the rebuild.
+    Raises ConfigError (bad settings, or finished files made with other settings) before any slide.
     """
+    check_run_settings(cfg)
     shard = Shard.from_env()
+    slides = list_slides(cfg.slides)
+    check_unique_ids(slides)  # all of them, before sharding: two ids may land on two ranks
+    warn_patches_without_slide(Path(cfg.patches), slides)
     encoder = encoder or build_encoder(cfg)
     device = pick_device(cfg.device, shard)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out_dir = Path(cfg.out) / encoder.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    sources = shard.take(list_slides(cfg.slides))
+    extractor = Extractor(encoder, Path(cfg.patches), out_dir, cfg, device)
+    if not cfg.overwrite:
+        extractor.check_resumable(slides)  # every rank checks the whole folder, so none starts mixing
+    sources = shard.take(slides)
     log.info("rank %d/%d: %d slides, encoder %s (%d-d, input %d px) on %s", shard.rank, shard.world_size,
              len(sources), encoder.name, encoder.embed_dim, encoder.input_size, device)
     manifest_path = shard.manifest_path(out_dir)
     if shard.world_size > 1:
         manifest_path.unlink(missing_ok=True)  # this run's rows only; older ones live in manifest.csv
-    extractor = Extractor(encoder, Path(cfg.patches), out_dir, cfg, device)
-    extractor.plan([s for s in sources if cfg.overwrite or not extractor.output_of(slide_id_of(s)).is_file()])
     start = time.perf_counter()
     try:
         outcomes = run_per_slide(sources, extractor, extractor.output_of, Manifest(manifest_path),
-                                 overwrite=cfg.overwrite, desc=f"extract {encoder.name}")
+                                 overwrite=cfg.overwrite, desc=f"extract {encoder.name}", plan=extractor.plan)
     finally:
         extractor.close()
     if shard.world_size > 1:
@@ -422,6 +535,15 @@ def run(cfg: DictConfig, encoder: Encoder | None = None) -> list[Outcome]:
     return outcomes
 
 
+def warn_patches_without_slide(patches_dir: Path, slides: Sequence[Path]) -> None:
+    """Patches files whose slide is not in the slides folder are not extracted: say so, with their count."""
+    ids = {slide_id_of(s) for s in slides}
+    orphans = sorted(p.stem for p in patches_dir.glob("*.h5") if p.stem not in ids)
+    if orphans:
+        log.warning("%s: %d patches file(s) have no slide in the slides folder and are not extracted: %s%s",
+                    patches_dir, len(orphans), ", ".join(orphans[:5]), ", ..." if len(orphans) > 5 else "")
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """configs/extract.yaml with command-line style overrides, as the Hydra app would see it."""
     return compose_app("extract", overrides)
@@ -430,10 +552,13 @@ def compose_config(overrides: list[str]) -> DictConfig:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="extract", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
-    except (WeightsError, SlideError, KeyError) as err:  # a bad config or folder: one clear line, no traceback
+        outcomes = run(cfg)
+    except (ConfigError, WeightsError, SlideError, KeyError) as err:  # a bad config or folder: one clear line
         log.error("%s", err)
         raise SystemExit(2) from None
+    if outcomes and all(o.status == "failed" for o in outcomes):
+        log.error("all %d slides failed (reasons above and in the manifest under %s)", len(outcomes), cfg.out)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ def rows_in(path: Path, dataset: str = "coords") -> int:
         return len(f[dataset])
 
 
+def finished_rows(path: Path, dataset: str = "coords") -> int | None:
+    """The row count of a finished output; None if there is none, or if it cannot be read (to be redone)."""
+    if not path.is_file():
+        return None
+    try:
+        return rows_in(path, dataset)
+    except (OSError, KeyError, TypeError) as err:  # not HDF5, truncated, no such dataset
+        log.warning("%s: an existing output that cannot be read (%s); redoing its slide", path, err)
+        return None
+
+
 def _run_one(work: Callable[[Path], int], source: Path) -> Outcome:
     slide_id = slide_id_of(source)
     start = time.perf_counter()
@@ -70,10 +81,12 @@ def run_per_slide(
     overwrite: bool = False,
     workers: int = 1,
     desc: str = "slides",
+    plan: Callable[[list[Path]], None] | None = None,
 ) -> list[Outcome]:
-    """Apply `work` to every source whose output is missing (or all, with `overwrite`).
+    """Apply `work` to every source whose output is missing or unreadable (or to all, with `overwrite`).
 
     `work` must be picklable when `workers > 1` (a module-level function or a functools.partial of one).
+    `plan`, if given, is told the sources to do, in order, before any work (extraction streams them).
     """
     sources = [Path(s) for s in sources]
     check_unique_ids(sources)
@@ -81,15 +94,17 @@ def run_per_slide(
     todo: list[Path] = []
     for source in sources:
         sid = slide_id_of(source)
-        out = output_of(sid)
-        if out.is_file() and not overwrite:
-            outcome = Outcome(sid, "skipped", rows_in(out))
+        rows = None if overwrite else finished_rows(output_of(sid))
+        if rows is not None:
+            outcome = Outcome(sid, "skipped", rows)
             manifest.record(sid, source, outcome.status, outcome.n_patches)
             outcomes.append(outcome)
         else:
             todo.append(source)
     if len(outcomes):
         log.info("%d of %d slides already done (skipped; overwrite=true redoes them)", len(outcomes), len(sources))
+    if plan is not None:
+        plan(todo)
 
     def finish(source: Path, outcome: Outcome) -> None:
         manifest.record(outcome.slide_id, source, outcome.status, outcome.n_patches, outcome.seconds, outcome.error)
