@@ -42,6 +42,7 @@ train: setup
 	$(PY) -m wsi_pipeline.train task=$(TASK) model=$(MODEL) features=$(FEATURES) $(ARGS)
 
 report: setup
+	$(if $(strip $(RUN)),,$(error RUN= is required: make report RUN=runs/<task>/<model> [ARGS="..."]))
 	$(PY) -m wsi_pipeline.report run=$(RUN) $(ARGS)
 
 bench-preprocess: setup

@@ -86,6 +86,18 @@ def test_canvas_falls_back_from_slide_to_thumbnail_to_blank(tmp_path, caplog):
     assert "s3.jpg: unreadable thumbnail" in caplog.text
 
 
+def test_canvas_and_attention_warnings_go_to_the_note_callback(tmp_path):
+    notes: list[str] = []
+    assert heatmap.load_canvas(lattice([(0, 0)]), "s1", slides=tmp_path, thumbnails=tmp_path,
+                               note=notes.append).source == "blank"
+    with h5py.File(tmp_path / "attention_test.h5", "w") as f:
+        f.create_dataset("a", data=np.ones(1, dtype=np.float32))
+    assert list(heatmap.read_attention(tmp_path / "attention_test.h5", ["a", "s1"], note=notes.append)) == ["a"]
+    assert notes == [f"{tmp_path}: no slide file for s1; using the thumbnail or a blank canvas",
+                     f"{tmp_path}: no thumbnail for s1; drawing on a blank canvas",
+                     f"{tmp_path / 'attention_test.h5'}: no attention for 1 slide(s): s1; no heatmap for them"]
+
+
 def test_slide_without_a_small_level_is_not_read_whole(slide_40x, monkeypatch, caplog):
     monkeypatch.setattr(heatmap, "MAX_LEVEL_PIXELS", 1000)
     canvas = heatmap.load_canvas(lattice([(0, 0)]), "slide_40x", slides=slide_40x.parent)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -86,7 +88,7 @@ def write_run(root: Path, task_type: str, model: str = "mamba2d", n_folds: int =
         rows.append({"fold": k, "score": metric, "loss": 1.0 - metric})
     summary = pd.DataFrame(rows)
     summary = pd.concat([summary, pd.DataFrame([{"fold": "mean", **summary.mean().drop("fold")},
-                                                {"fold": "std", **summary.std().drop("fold")}])])
+                                                {"fold": "std", **summary.std(ddof=0).drop("fold")}])])
     summary.to_csv(run / "summary.csv", index=False)
     return run
 
@@ -146,6 +148,14 @@ def test_bootstrap_ci_contains_the_estimate_narrows_with_more_slides_and_is_seed
 def test_c_index_is_nan_without_events():
     interval = stats.bootstrap_c_index(np.arange(1.0, 6.0), np.zeros(5, bool), np.arange(5.0), n_bootstrap=10)
     assert np.isnan(interval.estimate) and str(interval) == "n/a"
+
+
+def test_c_index_without_a_comparable_pair_is_nan_without_a_warning():
+    """All events at one time: no pair is comparable, sksurv divides 0 by 0; that must not warn (it would for
+    every bootstrap draw of every report)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(stats.c_index(np.ones(3), np.ones(3, bool), np.arange(3.0)))
 
 
 def test_logrank_small_on_separated_groups_large_on_identical_ones():
@@ -209,6 +219,30 @@ def test_stale_folds_and_unreadable_optional_files_are_left_out_with_a_warning(t
     assert any("summary.csv: cannot read it as CSV" in w for w in loaded.warnings)
 
 
+def test_unreadable_config_yaml_is_a_warning(tmp_path):
+    """The run's config.yaml (optional) that is not YAML, or not a mapping, is left out with a warning naming it; so
+    is a fold's (the fold then counts as trained with the run's settings)."""
+    run = write_run(tmp_path, "survival", n_folds=2, n=12)
+    (run / "fold_0" / "config.yaml").write_text("task: [unclosed\n")
+    loaded = load_run(run)
+    assert [f.index for f in loaded.folds] == [0, 1] and loaded.task_name == "kirc"
+    assert any(w.startswith(f"{run / 'fold_0' / 'config.yaml'}: not valid YAML (") and
+               w.endswith("the fold is taken as trained with the run's settings") for w in loaded.warnings)
+    for text, problem in (("task: [unclosed\n", "not valid YAML ("), ("- a\n- b\n", "holds a ListConfig")):
+        (run / "config.yaml").write_text(text)
+        loaded = load_run(run)
+        assert loaded.task_type == "survival" and [f.index for f in loaded.folds] == [0, 1]
+        assert any(w.startswith(f"{run / 'config.yaml'}: {problem}") for w in loaded.warnings)
+
+
+def test_empty_predictions_without_a_config_name_the_file(tmp_path):
+    run = write_run(tmp_path, "survival", n_folds=2, n=12)
+    (run / "config.yaml").unlink()
+    (run / "fold_0" / "predictions_test.csv").write_text("")
+    with pytest.raises(ReportError, match=r"fold_0/predictions_test.csv: cannot read it as CSV"):
+        load_run(run)
+
+
 def test_predictions_missing_columns_name_the_file_and_columns(tmp_path):
     path = tmp_path / "predictions_test.csv"
     pd.DataFrame({"case_id": ["a"], "slide_id": ["a"], "survival_months": [3.0]}).to_csv(path, index=False)
@@ -219,7 +253,8 @@ def test_predictions_missing_columns_name_the_file_and_columns(tmp_path):
 
 
 @pytest.mark.parametrize("column, value, message", [
-    ("risk", np.nan, r"column\(s\) \['risk'\] hold empty or non-numeric values"),
+    ("risk", np.nan, r"column\(s\) \['risk'\] hold empty, infinite or non-numeric values"),
+    ("risk", np.inf, r"column\(s\) \['risk'\] hold empty, infinite or non-numeric values"),
     ("censorship", 2, r"censorship must be 1 \(censored\) or 0 \(event observed\), found \[0, 1, 2\]"),
 ])
 def test_predictions_with_bad_values_name_the_file(tmp_path, column, value, message):
@@ -272,7 +307,7 @@ def test_classification_report_has_roc_per_fold_and_pooled_confusion(tmp_path):
         assert f"| {k} | 24 |" in text and f"{auc:.3f}" in text
         assert_png(run / "report" / f"roc_fold{k}.png")
     assert_png(run / "report" / "confusion.png")
-    assert "| **mean ± std** | 0.805 ± 0.007 | 0.195 ± 0.007 |" in text  # summary.csv fold rows
+    assert "| **mean ± std** | 0.805 ± 0.005 | 0.195 ± 0.005 |" in text  # summary.csv fold rows, ddof 0
 
 
 def test_missing_attention_and_features_are_notes_and_the_rest_is_written(tmp_path):
@@ -286,6 +321,87 @@ def test_missing_attention_and_features_are_notes_and_the_rest_is_written(tmp_pa
     assert "heatmap of mamba2d_f1_" in text and ".h5: no such file" in text
     assert "| 0 | 12 |" in text and "| 1 | 12 |" in text
     assert_png(run / "report" / "km_fold1.png")
+
+
+def test_folds_left_out_are_named_in_the_header_and_the_notes(tmp_path, monkeypatch):
+    """A killed fold (its dir holds no predictions_test.csv) and a split never trained are not reported silently."""
+    run = write_run(tmp_path, "survival", n_folds=3, n=12)
+    (run / "fold_2" / "predictions_test.csv").unlink()
+    (tmp_path / "splits").mkdir()
+    for k in range(4):
+        (tmp_path / "splits" / f"splits_{k}.csv").write_text("train,val,test\n")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["task"]["splits_dir"] = "splits"  # relative: read from the current folder, as the trainer does
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    [report] = make_reports([str(run)], report_cfg("heatmaps.enabled=false"))
+    text = report.read_text()
+    assert "folds: 0, 1 · **left out: 2, 3** (see Notes)" in text
+    notes = text.split("## Notes")[1]
+    assert f"{run / 'fold_2'}: no predictions_test.csv (fold 2 was killed, failed or is still training)" in notes
+    assert f"splits/splits_3.csv: fold 3 has a split but no {run / 'fold_3'} (never trained)" in notes
+    assert "splits_2.csv" not in notes  # fold 2 is noted once, for its dir
+
+
+def test_survival_fold_without_a_c_index_is_a_note(tmp_path):
+    run = write_run(tmp_path, "survival", n_folds=2, n=12)
+    path = run / "fold_1" / "predictions_test.csv"
+    pd.read_csv(path).assign(censorship=1).to_csv(path, index=False)  # no event: no comparable pair
+    [report] = make_reports([str(run)], report_cfg("heatmaps.enabled=false"))
+    text = report.read_text()
+    assert "| 1 | 12 | 0 | n/a |" in text
+    assert "- fold 1: C-index n/a: its 12 test slides (0 events) hold no comparable pair" in text
+
+
+def test_heatmap_score_must_name_a_numeric_column(tmp_path):
+    run = write_run(tmp_path, "survival", n_folds=2, n=8)
+    [report] = make_reports([str(run)], report_cfg("heatmaps.score=case_id"))
+    text = report.read_text()
+    assert text.count("heatmaps.score=case_id: not a numeric predictions column") == 1  # once, not per fold
+    assert "test slides of each fold by risk;" in text
+    assert len(list((run / "report" / "heatmaps").glob("*.png"))) == 4
+
+
+def test_missing_thumbnail_and_attention_of_picked_slides_are_notes(tmp_path):
+    run = write_run(tmp_path, "survival", n_folds=1, n=8)
+    test = pd.read_csv(run / "fold_0" / "predictions_test.csv")
+    top, bottom = test.slide_id[test.risk.idxmax()], test.slide_id[test.risk.idxmin()]
+    thumbs = tmp_path / "thumbs"
+    thumbs.mkdir()
+    for slide_id in test.slide_id.drop(test.risk.idxmax()):
+        Image.new("RGB", (70, 50), (200, 120, 160)).save(thumbs / f"{slide_id}.jpg")
+    with h5py.File(run / "fold_0" / "attention_test.h5", "a") as f:
+        del f[bottom]
+    [report] = make_reports([str(run)], report_cfg(f"thumbnails={thumbs}"))
+    notes = report.read_text().split("## Notes")[1]
+    assert f"- {thumbs}: no thumbnail for {top}; drawing on a blank canvas" in notes
+    assert f"attention_test.h5: no attention for 1 slide(s): {bottom}; no heatmap for them" in notes
+    assert notes.count("no thumbnail") == 1
+
+
+def test_features_folder_not_found_names_the_path_looked_for(tmp_path, monkeypatch):
+    run = write_run(tmp_path, "survival", n_folds=2, n=8)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "features": "features"}))  # relative to tmp_path
+    monkeypatch.chdir(run)  # not where training ran
+    [report] = make_reports([str(run)], report_cfg())
+    text = report.read_text()
+    assert (f"heatmaps skipped: features folder features (from the run's config.yaml) not found: looked for "
+            f"{run / 'features'};") in text
+    assert "heatmap of" not in text  # one note, not one per slide
+
+
+def test_rewriting_a_report_removes_its_own_stale_figures_only(tmp_path):
+    run = write_run(tmp_path, "survival", n_folds=1, n=8)
+    out = run / "report"
+    (out / "heatmaps").mkdir(parents=True)
+    for name in ("heatmaps/fold7_top_old.png", "km_fold7.png", "confusion.png", "heatmaps/mine.png", "notes.png"):
+        (out / name).write_bytes(PNG_MAGIC)
+    [report] = make_reports([str(run)], report_cfg())
+    text, left = report.read_text(), {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
+    assert {"heatmaps/mine.png", "notes.png"} <= left  # not the report's: kept
+    assert left - {"heatmaps/mine.png", "notes.png"} == {n for n in left if f"]({n})" in text}
+    assert not {"heatmaps/fold7_top_old.png", "km_fold7.png", "confusion.png"} & left  # stale: gone
 
 
 def test_cli_compares_two_models_and_fails_clearly_on_a_bad_run(tmp_path):
@@ -308,3 +424,33 @@ def test_cli_compares_two_models_and_fails_clearly_on_a_bad_run(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "wsi_pipeline.report"], cwd=REPO, capture_output=True, text=True,
                            timeout=120)
     assert usage.returncode == 2 and "run= is required" in usage.stderr + usage.stdout
+
+
+def test_runs_of_different_task_types_fail_before_any_report_is_written(tmp_path):
+    runs = [write_run(tmp_path, "survival", model="a", n_folds=1, n=8),
+            write_run(tmp_path, "classification", model="b", n_folds=1, n=8)]
+    with pytest.raises(ReportError, match=r"cannot compare runs of different task types"):
+        make_reports([str(r) for r in runs], report_cfg())
+    assert not any((r / "report").exists() for r in runs)
+
+
+def test_cli_with_a_missing_or_empty_run_fails_without_creating_folders(tmp_path):
+    """Hydra makes its job folder (the report folder) before main runs: not for a run dir that is not there."""
+    missing = tmp_path / "runs" / "typo"
+    done = subprocess.run([sys.executable, "-m", "wsi_pipeline.report", f"run={missing}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and output.count(f"{missing}: not a folder") == 1 and "Traceback" not in output
+    assert not (tmp_path / "runs").exists()
+    empty = subprocess.run([sys.executable, "-m", "wsi_pipeline.report", "run="], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert empty.returncode == 2 and "run= is required" in empty.stdout + empty.stderr
+    assert list(tmp_path.iterdir()) == []  # no ./report/.hydra
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_report_requires_run():
+    done = subprocess.run(["make", "-n", "-C", str(REPO), "report", "RUN="], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and "RUN= is required" in done.stderr
+    assert "wsi_pipeline.report" not in done.stdout

@@ -1,16 +1,19 @@
 """Attention heatmaps: a model's per-patch attention painted on the slide's lattice cells over a thumbnail.
 
 The canvas under the heatmap is, in order of preference: a pyramid level of the slide itself (read
-with `Slide`, exact geometry), the preprocessing thumbnail `thumbnails/<slide_id>.jpg` (scaled to
-the lattice extent, so aligned to within half a lattice cell), or a blank canvas the size of the
-lattice. Attention is percentile-normalised per slide (each cell's rank among the slide's cells, as
-in CLAM's heatmaps), so the colour map spans the slide whatever the softmax temperature.
+with `Slide`, exact geometry), the preprocessing thumbnail `thumbnails/<slide_id>.jpg` (scaled by the
+slide's level-0 size that preprocessing records in the features file: exact too), or a blank canvas
+the size of the lattice. What is missing on the way is reported through a `note` callback (default:
+a logged warning; the report lists them in its Notes). Attention is percentile-normalised per slide
+(each cell's rank among the slide's cells, as in CLAM's heatmaps), so the colour map spans the slide
+whatever the softmax temperature.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 
 BLANK_RGB = (245, 245, 245)
 MAX_LEVEL_PIXELS = 80_000_000  # ~240 MB of RGB: the largest slide level read as a canvas
+
+Note = Callable[[str], None]  # where warnings go: log.warning, or a report's list of notes
 
 
 @dataclass
@@ -144,30 +149,31 @@ def find_file(folder: str | Path | None, stem: str, suffixes: tuple[str, ...]) -
 
 
 def load_canvas(grid: PatchGrid, slide_id: str, slides: str | Path | None = None,
-                thumbnails: str | Path | None = None, thumbnail_mpp: float = 16.0, max_size: int = 1600) -> Canvas:
-    """The best canvas available for a slide (slide, else thumbnail, else blank); failures are warnings."""
+                thumbnails: str | Path | None = None, thumbnail_mpp: float = 16.0, max_size: int = 1600,
+                note: Note = log.warning) -> Canvas:
+    """The best canvas available for a slide (slide, else thumbnail, else blank); each failure is a `note`."""
     slide_path = find_file(slides, slide_id, SLIDE_EXTENSIONS)
     if slide_path is not None:
         try:
             return canvas_from_slide(slide_path, thumbnail_mpp, max_size)
         except SlideError as err:
-            log.warning("%s; using the thumbnail or a blank canvas instead", err)
+            note(f"{err}; using the thumbnail or a blank canvas instead")
     elif slides is not None:
-        log.warning("%s: no slide file for %s; using the thumbnail or a blank canvas", slides, slide_id)
+        note(f"{slides}: no slide file for {slide_id}; using the thumbnail or a blank canvas")
     thumb_dirs = [] if thumbnails is None else [Path(thumbnails), Path(thumbnails) / "thumbnails"]
     thumb = next((t for d in thumb_dirs if (t := find_file(d, slide_id, (".jpg", ".jpeg", ".png")))), None)
     if thumb is not None:
         try:
             return canvas_from_thumbnail(thumb, grid, max_size)
         except OSError as err:  # PIL: unreadable or truncated image
-            log.warning("%s: unreadable thumbnail (%s); drawing on a blank canvas", thumb, err)
+            note(f"{thumb}: unreadable thumbnail ({err}); drawing on a blank canvas")
     elif thumbnails is not None:
-        log.warning("%s: no thumbnail for %s; drawing on a blank canvas", thumbnails, slide_id)
+        note(f"{thumbnails}: no thumbnail for {slide_id}; drawing on a blank canvas")
     return blank_canvas(grid, min(max_size, 1024))
 
 
-def read_attention(path: str | Path, slide_ids: list[str]) -> dict[str, np.ndarray]:
-    """The attention vectors of `slide_ids` from an `attention_test.h5` (ids it lacks are left out, with a warning)."""
+def read_attention(path: str | Path, slide_ids: list[str], note: Note = log.warning) -> dict[str, np.ndarray]:
+    """The attention vectors of `slide_ids` from an `attention_test.h5` (ids it lacks are left out, with a `note`)."""
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file (the trainer writes attention_test.h5 beside each fold's predictions)")
@@ -178,7 +184,8 @@ def read_attention(path: str | Path, slide_ids: list[str]) -> dict[str, np.ndarr
         raise FormatError(f"{path}: not a readable HDF5 file ({err})") from err
     missing = sorted(set(slide_ids) - set(found))
     if missing:
-        log.warning("%s: no attention for %d slide(s): %s", path, len(missing), ", ".join(missing[:5]))
+        note(f"{path}: no attention for {len(missing)} slide(s): {', '.join(missing[:5])}"
+             + (" …" if len(missing) > 5 else "") + "; no heatmap for them")
     return found
 
 

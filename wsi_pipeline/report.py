@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,10 @@ from wsi_pipeline.run_dir import Fold, ReportError, Run, event_arrays, load_run,
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.md"
+# The figures a run's report writes (paths relative to its folder): those a rewrite does not write again are stale.
+RUN_FIGURES = tuple(re.compile(pattern) for pattern in (
+    r"roc_fold\d+\.png", r"confusion\.png", r"km_fold\d+\.png", r"km_pooled\.png",
+    r"heatmaps/fold\d+_(top|bottom)_.+\.png"))
 
 
 # -- Markdown helpers ---------------------------------------------------------------------------------
@@ -46,13 +51,13 @@ def fmt_p(p: float) -> str:
 
 
 def mean_std(values: Sequence[float]) -> str:
-    """`mean ± std` over folds (sample std, ddof = 1), ignoring folds where the value is undefined."""
+    """`mean ± std` over folds (population std, ddof = 0, as in the trainer's summary.csv), ignoring folds where
+    the value is undefined."""
     values = np.asarray(values, float)
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return "n/a"
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.3f} ± {std:.3f}"
+    return f"{values.mean():.3f} ± {values.std(ddof=0):.3f}"
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
@@ -78,6 +83,7 @@ class Context:
     out: Path
     cfg: DictConfig
     notes: list[str] = field(default_factory=list)
+    written: set[str] = field(default_factory=set)  # the figures saved, relative to `out`
 
     def note(self, message: str) -> None:
         log.warning(message)
@@ -86,7 +92,16 @@ class Context:
     def figure(self, fig: Figure, name: str, alt: str) -> str:
         """Save `fig` as `<out>/<name>` and return the Markdown that shows it."""
         plots.save_figure(fig, self.out / name, dpi=int(self.cfg.dpi))
+        self.written.add(name)
         return f"![{alt}]({name})"
+
+    def remove_stale_figures(self) -> None:
+        """Delete the figures of an earlier report in `out` (RUN_FIGURES) that this one did not write again."""
+        for path in [*self.out.glob("*.png"), *self.out.glob("heatmaps/*.png")]:
+            name = path.relative_to(self.out).as_posix()
+            if name not in self.written and any(p.fullmatch(name) for p in RUN_FIGURES):
+                path.unlink(missing_ok=True)
+                log.info("%s: removed (an earlier report's figure)", path)
 
 
 # -- classification -----------------------------------------------------------------------------------
@@ -126,11 +141,15 @@ def risk_groups(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return time, event, stats.high_risk_mask(risk)
 
 
-def survival_fold_row(fold: Fold, cfg: DictConfig) -> tuple[list[object], float]:
-    """One fold's table row (n, events, C-index with CI, log-rank p) and its C-index."""
+def survival_fold_row(ctx: Context, fold: Fold) -> tuple[list[object], float]:
+    """One fold's table row (n, events, C-index with CI, log-rank p) and its C-index (n/a: a note)."""
+    cfg = ctx.cfg
     time, event, risk = event_arrays(fold.test)
     ci = stats.bootstrap_c_index(time, event, risk, int(cfg.c_index.n_bootstrap), int(cfg.c_index.seed),
                                  float(cfg.c_index.level))
+    if not np.isfinite(ci.estimate):
+        ctx.note(f"fold {fold.index}: C-index n/a: its {len(time)} test slides ({int(event.sum())} events) hold no "
+                 "comparable pair (an event before another slide's time); the mean ± std leaves the fold out")
     test = stats.logrank_high_vs_low(*risk_groups(fold.test))
     return [fold.index, len(time), int(event.sum()), str(ci), fmt_p(test.p_value)], ci.estimate
 
@@ -144,7 +163,7 @@ def km_markdown(ctx: Context, groups: tuple[np.ndarray, ...], title: str, name: 
 def survival_section(ctx: Context) -> list[str]:
     run, cfg = ctx.run, ctx.cfg
     level = int(round(100 * float(cfg.c_index.level)))
-    rows, estimates = zip(*(survival_fold_row(f, cfg) for f in tqdm(run.folds, desc="C-index bootstrap")))
+    rows, estimates = zip(*(survival_fold_row(ctx, f) for f in tqdm(run.folds, desc="C-index bootstrap")))
     lines = ["## Test predictions", "",
              f"Harrell's C-index (scikit-survival) with a {level}% percentile bootstrap CI "
              f"({cfg.c_index.n_bootstrap} resamples, seed {cfg.c_index.seed}); log-rank test (lifelines) of the "
@@ -190,7 +209,7 @@ def metrics_section(ctx: Context) -> list[str]:
     run = ctx.run
     lines = ["## Metrics per fold", ""]
     if run.summary is not None:
-        lines += ["Test metrics from `summary.csv` (mean ± std recomputed over the fold rows, ddof = 1):", ""]
+        lines += ["Test metrics from `summary.csv` (mean ± std recomputed over the fold rows, ddof = 0):", ""]
         lines += frame_table(run.summary)
     with_json = [f for f in run.folds if f.metrics]
     if with_json:
@@ -208,14 +227,21 @@ def pick_slides(scores: np.ndarray, top_k: int, bottom_k: int) -> list[tuple[str
     return [("top", i) for i in top] + [("bottom", i) for i in bottom]
 
 
-def ranking_scores(ctx: Context, frame: pd.DataFrame) -> tuple[str, np.ndarray]:
-    """(name, values) of the score slides are ranked by: `heatmaps.score` if set, else the task's default."""
+def ranking(ctx: Context) -> tuple[str, Callable[[pd.DataFrame], np.ndarray]]:
+    """(name, scores of a fold's slides) slides are ranked by: `heatmaps.score` if it names a numeric predictions
+    column of every fold, else (with a note when it is set) the task's default."""
     column, kind = ctx.cfg.heatmaps.score, TASK_KINDS[ctx.run.task_type]
-    if column is not None and column in frame.columns:
-        return str(column), frame[column].to_numpy(float)
-    if column is not None:
+    if column is None:
+        return kind.rank_name, kind.rank
+    column, tests = str(column), [f.test for f in ctx.run.folds]
+    if any(column not in test.columns for test in tests):
         ctx.note(f"heatmaps.score={column}: no such predictions column; ranking slides by {kind.rank_name}")
-    return kind.rank_name, kind.rank(frame)
+    elif not all(pd.api.types.is_numeric_dtype(test[column]) for test in tests):
+        ctx.note(f"heatmaps.score={column}: not a numeric predictions column (e.g. {tests[0][column].iloc[0]!r}); "
+                 f"ranking slides by {kind.rank_name}")
+    else:
+        return column, lambda frame: frame[column].to_numpy(float)
+    return kind.rank_name, kind.rank
 
 
 def slide_heatmap(ctx: Context, fold: Fold, group: str, row: pd.Series, score: tuple[str, float],
@@ -225,7 +251,7 @@ def slide_heatmap(ctx: Context, fold: Fold, group: str, row: pd.Series, score: t
     try:
         grid = read_patches(ctx.run.features / f"{slide_id}.h5")
         canvas = heatmap.load_canvas(grid, slide_id, ctx.cfg.slides, ctx.cfg.thumbnails,
-                                     float(hm.thumbnail_mpp), int(hm.max_size))
+                                     float(hm.thumbnail_mpp), int(hm.max_size), note=ctx.note)
         truth = TASK_KINDS[ctx.run.task_type].describe(row, ctx.run.class_names)
         fig = heatmap.heatmap_figure(canvas, attention, grid,
                                      f"fold {fold.index} · {group} · {slide_id} · {score[0]} {score[1]:.3f} · {truth}",
@@ -243,15 +269,22 @@ def heatmap_section(ctx: Context) -> list[str]:
     if run.features is None:
         ctx.note("heatmaps skipped: the run's config names no features folder; pass features=DIR")
         return []
+    if not run.features.is_dir():
+        origin = "features=" if ctx.cfg.features is not None else "the run's config.yaml"
+        ctx.note(f"heatmaps skipped: features folder {run.features} (from {origin}) not found: looked for "
+                 f"{run.features.resolve()}; a relative path is read from the current folder, so report from where "
+                 "training ran or pass features=DIR")
+        return []
+    score_name, rank = ranking(ctx)
     lines = ["## Attention heatmaps", "",
-             f"Top-{hm.top_k} and bottom-{hm.bottom_k} test slides of each fold by "
-             f"{hm.score or TASK_KINDS[run.task_type].rank_name}; attention as its "
+             f"Top-{hm.top_k} and bottom-{hm.bottom_k} test slides of each fold by {score_name}; attention as its "
              "percentile within the slide, painted on each patch's lattice cell.", ""]
     for fold in tqdm(run.folds, desc="heatmaps"):
-        score_name, scores = ranking_scores(ctx, fold.test)
+        scores = rank(fold.test)
         picks = pick_slides(scores, int(hm.top_k), int(hm.bottom_k))
         try:
-            attention = heatmap.read_attention(fold.attention_path, [str(fold.test["slide_id"].iloc[i]) for _, i in picks])
+            attention = heatmap.read_attention(fold.attention_path,
+                                               [str(fold.test["slide_id"].iloc[i]) for _, i in picks], note=ctx.note)
         except FormatError as err:
             ctx.note(f"fold {fold.index}: heatmaps skipped: {err}")
             continue
@@ -275,12 +308,14 @@ def run_report(run: Run, out: Path, cfg: DictConfig) -> Path:
     """Write `<out>/report.md` and its figures for one run; returns the report's path."""
     ctx = Context(run, out, cfg, notes=list(run.warnings))
     kind = TASK_KINDS[run.task_type]
+    left_out = f" · **left out: {', '.join(map(str, run.left_out))}** (see Notes)" if run.left_out else ""
     lines = [f"# {run.title}", "", f"Run dir: `{run.path}` · task type: {run.task_type} · "
-             f"folds: {', '.join(str(f.index) for f in run.folds)}", ""]
+             f"folds: {', '.join(str(f.index) for f in run.folds)}{left_out}", ""]
     lines += metrics_section(ctx) + kind.section(ctx) + heatmap_section(ctx)
     if ctx.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in ctx.notes]
     path = write_markdown(out / REPORT_NAME, lines)
+    ctx.remove_stale_figures()  # only now: until the new report.md is in place, the old one shows them
     log.info("%s: %s written", run.path, path)
     return path
 
@@ -292,12 +327,16 @@ def run_label(run: Run, runs: Sequence[Run]) -> str:
     return run.model_name
 
 
-def comparison_report(runs: Sequence[Run], reports: Sequence[Path], out: Path, cfg: DictConfig) -> Path:
-    """Models side by side: the headline metric per fold (recomputed) and the summary metrics they share."""
+def check_comparable(runs: Sequence[Run]) -> None:
     types = {r.task_type for r in runs}
     if len(types) > 1:
         raise ReportError(f"cannot compare runs of different task types ({sorted(types)}): "
-                          + ", ".join(str(r.path) for r in runs))
+                          + ", ".join(str(r.path) for r in runs) + "; report them one at a time")
+
+
+def comparison_report(runs: Sequence[Run], reports: Sequence[Path], out: Path, cfg: DictConfig) -> Path:
+    """Models side by side: the headline metric per fold (recomputed) and the summary metrics they share."""
+    check_comparable(runs)
     kind = TASK_KINDS[runs[0].task_type]
     labels = [run_label(r, runs) for r in runs]
     per_fold = {label: [kind.score(f.test) for f in r.folds] for label, r in zip(labels, runs)}
@@ -341,6 +380,7 @@ def make_reports(run_dirs: Sequence[str], cfg: DictConfig | None = None) -> list
     """
     cfg = report_config() if cfg is None else cfg
     runs = [load_run(d, cfg.features) for d in run_dirs]
+    check_comparable(runs)  # before any report is written
     single_out = cfg.out if len(runs) == 1 else None
     reports = [run_report(r, Path(default_out([str(r.path)], single_out)), cfg) for r in runs]
     if len(runs) > 1:
@@ -348,12 +388,21 @@ def make_reports(run_dirs: Sequence[str], cfg: DictConfig | None = None) -> list
     return reports
 
 
+def run_dirs(cfg: DictConfig) -> list[str]:
+    """The run dirs named by `run=`; [] when it is missing, null or empty."""
+    if OmegaConf.is_missing(cfg, "run") or cfg.run is None:
+        return []
+    return [d for d in as_list(cfg.run) if d.strip()]
+
+
 def _hydra_dir(*, _root_: DictConfig) -> str:
-    """The Hydra job folder (log file, .hydra/) is the report folder itself, not ./outputs/<date>;
-    without run= it is a scratch folder, and `main` stops with a usage message."""
-    if OmegaConf.is_missing(_root_, "run"):
+    """The Hydra job folder (log file, .hydra/) is the report folder itself, not ./outputs/<date>. Without run=, or
+    when a run dir is not there, it is a scratch folder (Hydra creates it before `main` runs: the report folder of a
+    mistyped run= would be created, and ./report by an empty one), and `main` stops with its message."""
+    runs = run_dirs(_root_)
+    if not runs or not all(Path(d).is_dir() for d in runs):
         return str(Path(tempfile.gettempdir()) / "wsi_pipeline_report")
-    return default_out(as_list(_root_.run), _root_.out)
+    return default_out(runs, _root_.out)
 
 
 OmegaConf.register_new_resolver("report_dir", _hydra_dir, replace=True)
@@ -361,11 +410,12 @@ OmegaConf.register_new_resolver("report_dir", _hydra_dir, replace=True)
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "run"):
+    runs = run_dirs(cfg)
+    if not runs:
         log.error("run= is required: python -m wsi_pipeline.report run=RUN_DIR (or run=[RUN_A,RUN_B] to compare)")
         raise SystemExit(2)
     try:
-        for path in make_reports(as_list(cfg.run), cfg):
+        for path in make_reports(runs, cfg):
             log.info("report: %s", path)
     except (ReportError, FormatError) as err:
         log.error("%s", err)

@@ -1,7 +1,8 @@
 """Read a training run dir (DESIGN.md "Run outputs") for reporting: config, summary, per-fold predictions.
 
 Everything the report needs is checked here, once, with errors that name the file, what is missing
-and what to do; optional pieces (summary.csv, metrics.json, config.yaml) turn into warnings.
+and what to do; optional pieces (summary.csv, metrics.json, config.yaml) turn into warnings, and so do folds
+left out of the report (stale, killed before writing their test predictions, or split but never trained).
 """
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from wsi_pipeline.stats import events_of
@@ -25,6 +28,7 @@ REQUIRED_COLUMNS = {
 }
 PROB_PREFIX = "prob_"
 FOLD_DIR = re.compile(r"^fold_(\d+)$")
+SPLITS_FILE = re.compile(r"^splits_(\d+)\.csv$")  # <task.splits_dir>/splits_<k>.csv: one per fold to train
 CONFIG = "config.yaml"  # the run's settings in the run dir, and each fold's own in fold_<k>/
 FOLD_KEYS = ("fold", "overwrite")  # settings of one invocation, not recorded in a config.yaml
 # Recorded, but free to differ between the folds of a run dir and between a killed fold and its resume: where and
@@ -60,6 +64,7 @@ class Run:
     folds: list[Fold]
     summary: pd.DataFrame | None  # one row per fold (index = fold), numeric test metrics
     warnings: list[str] = field(default_factory=list)
+    left_out: list[int] = field(default_factory=list)  # folds of the run not reported (see `warnings`)
 
     @property
     def title(self) -> str:
@@ -72,13 +77,41 @@ def prob_columns(frame: pd.DataFrame) -> list[str]:
     return sorted(cols, key=lambda c: int(c[len(PROB_PREFIX):]))
 
 
+def read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """`pd.read_csv`, with a ReportError naming the file when it cannot be read as CSV (empty, garbled, unreadable)."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ReportError(f"{path}: cannot read it as CSV ({err})") from err
+
+
+def read_yaml(path: Path) -> DictConfig:
+    """A YAML file of settings, with a ReportError naming the file when it is not valid YAML or not a mapping."""
+    try:
+        config = OmegaConf.load(path)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ReportError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+    if not isinstance(config, DictConfig):
+        raise ReportError(f"{path}: holds a {type(config).__name__}, not a mapping of settings")
+    return config
+
+
+def optional_yaml(path: Path, warnings: list[str], otherwise: str) -> DictConfig | None:
+    """`read_yaml(path)`, or None: silently when there is no such file, with a warning (ending in `otherwise`: what
+    the report does instead) when it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return read_yaml(path)
+    except ReportError as err:
+        warnings.append(f"{err}; {otherwise}")
+        return None
+
+
 def read_predictions(path: str | Path, task_type: str) -> pd.DataFrame:
     """A predictions CSV, checked for the DESIGN.md columns of its task type."""
     path = Path(path)
-    try:
-        frame = pd.read_csv(path, dtype={"case_id": str, "slide_id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ReportError(f"{path}: cannot read it as CSV ({err})") from err
+    frame = read_csv(path, dtype={"case_id": str, "slide_id": str})
     missing = [c for c in REQUIRED_COLUMNS[task_type] if c not in frame.columns]
     if task_type == "classification" and len(prob_columns(frame)) < 2:
         missing.append("prob_0 … prob_{C-1}")
@@ -92,12 +125,13 @@ def read_predictions(path: str | Path, task_type: str) -> pd.DataFrame:
 
 
 def _check_values(frame: pd.DataFrame, path: Path, task_type: str) -> None:
-    """Numbers where numbers belong: no NaN risk or probability, censorship 0/1, labels within the classes."""
+    """Numbers where numbers belong: no NaN or infinite risk or probability, censorship 0/1, labels within the
+    classes."""
     numeric = [c for c in REQUIRED_COLUMNS[task_type] if c not in ("case_id", "slide_id")] + prob_columns(frame)
-    bad = [c for c in numeric if not pd.api.types.is_numeric_dtype(frame[c]) or frame[c].isna().any()]
+    bad = [c for c in numeric if not _finite(frame[c])]
     if bad:
-        raise ReportError(f"{path}: column(s) {bad} hold empty or non-numeric values; a NaN risk or probability "
-                          "usually means the fold's training diverged: re-run that fold")
+        raise ReportError(f"{path}: column(s) {bad} hold empty, infinite or non-numeric values; a NaN or infinite "
+                          "risk or probability usually means the fold's training diverged: re-run that fold")
     if task_type == "survival" and not frame["censorship"].isin([0, 1]).all():
         raise ReportError(f"{path}: censorship must be 1 (censored) or 0 (event observed), found "
                           f"{sorted(frame['censorship'].unique().tolist())}")
@@ -107,6 +141,10 @@ def _check_values(frame: pd.DataFrame, path: Path, task_type: str) -> None:
                           f"(one per prob_<c> column)")
 
 
+def _finite(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and bool(np.isfinite(column.to_numpy(float)).all())
+
+
 def _select(config: DictConfig | None, key: str, default=None):
     if config is None:
         return default
@@ -114,12 +152,13 @@ def _select(config: DictConfig | None, key: str, default=None):
     return default if value is None else value
 
 
-def load_config(run_dir: Path) -> DictConfig | None:
-    """`config.yaml` of the run (or Hydra's `.hydra/config.yaml`), None if there is neither."""
-    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-        if path.is_file():
-            return OmegaConf.load(path)
-    return None
+def load_config(run_dir: Path, warnings: list[str]) -> tuple[DictConfig | None, DictConfig | None]:
+    """(the run's `config.yaml`, the config to read names from: that one, else Hydra's `.hydra/config.yaml`); None
+    where there is none or it cannot be read (a warning)."""
+    recorded = optional_yaml(run_dir / CONFIG, warnings, "left out, as if the run had none")
+    if recorded is not None or (run_dir / CONFIG).is_file():
+        return recorded, recorded
+    return None, optional_yaml(run_dir / ".hydra" / CONFIG, warnings, "left out, as if the run had none")
 
 
 def class_names(config: DictConfig | None, n_classes: int) -> list[str]:
@@ -174,17 +213,31 @@ def trained_folds(run_dir: Path) -> list[Path]:
 def stale_folds(run_dir: Path) -> dict[Path, list[str]]:
     """Trained folds whose config.yaml differs from the run's (a fold retrained with overwrite=true and other
     settings made the others stale), with the keys that differ. A fold without its own config.yaml (trained before
-    folds recorded theirs) counts as the run's."""
+    folds recorded theirs) counts as the run's. (The trainer's check: a config.yaml that is not YAML raises; the
+    report's `_stale_folds` warns instead.)"""
     if not (run_dir / CONFIG).is_file():
         return {}
-    run = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG))
-    changes = {p: config_changes(recorded, run) for p in trained_folds(run_dir) if (recorded := fold_config(p))}
+    return _differing_folds(run_dir, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)), fold_config)
+
+
+def _differing_folds(run_dir: Path, run: dict, recorded_of: Callable[[Path], dict | None]) -> dict[Path, list[str]]:
+    changes = {p: config_changes(recorded, run) for p in trained_folds(run_dir) if (recorded := recorded_of(p))}
     return {p: keys for p, keys in changes.items() if keys}
+
+
+def _stale_folds(run_dir: Path, run_config: DictConfig | None, warnings: list[str]) -> dict[Path, list[str]]:
+    """`stale_folds` against the run's config already read (`run_config`, None: none to compare with); a fold's
+    config.yaml that cannot be read is a warning, and the fold counts as trained with the run's settings."""
+    def recorded_of(fold: Path) -> dict | None:
+        config = optional_yaml(fold / CONFIG, warnings, "the fold is taken as trained with the run's settings")
+        return None if config is None else OmegaConf.to_container(config)
+
+    return {} if run_config is None else _differing_folds(run_dir, OmegaConf.to_container(run_config), recorded_of)
 
 
 def read_summary(path: Path) -> pd.DataFrame:
     """summary.csv → its per-fold rows (index = fold number), numeric columns; mean/std rows dropped."""
-    frame = pd.read_csv(path)
+    frame = read_csv(path)
     fold_col = next((c for c in frame.columns if str(c).lower() == "fold"), frame.columns[0])
     fold = pd.to_numeric(frame[fold_col], errors="coerce")
     rows = frame[fold.notna()].drop(columns=[fold_col])
@@ -192,26 +245,50 @@ def read_summary(path: Path) -> pd.DataFrame:
     return rows.apply(pd.to_numeric, errors="coerce").dropna(axis=1, how="all")
 
 
-def _fold_dirs(run_dir: Path, warnings: list[str]) -> list[tuple[int, Path]]:
-    dirs = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := FOLD_DIR.match(p.name)) and p.is_dir()]
-    found = sorted((k, p) for k, p in dirs if (p / "predictions_test.csv").is_file())
-    stale = stale_folds(run_dir)
+def untrained_splits(config: DictConfig | None, fold_dirs: set[int]) -> dict[int, Path]:
+    """The `<task.splits_dir>/splits_<k>.csv` files (read from the current folder, as the trainer does) of folds
+    without a fold dir; {} when the config names no splits folder or it cannot be listed."""
+    splits_dir = _select(config, "task.splits_dir")
+    try:
+        files = list(Path(splits_dir).iterdir()) if isinstance(splits_dir, str) else []
+    except OSError:  # not there (a relative path read from elsewhere), not a folder, not readable
+        return {}
+    splits = {int(m.group(1)): p for p in files if (m := SPLITS_FILE.match(p.name))}
+    return {k: p for k, p in sorted(splits.items()) if k not in fold_dirs}
+
+
+def _fold_dirs(run_dir: Path, run_config: DictConfig | None, config: DictConfig | None,
+               warnings: list[str]) -> tuple[list[tuple[int, Path]], list[int]]:
+    """(index, dir) of the folds to report on, and the indices of the folds left out (each with a warning)."""
+    dirs = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := FOLD_DIR.match(p.name)) and p.is_dir())
+    finished = [(k, p) for k, p in dirs if (p / "predictions_test.csv").is_file()]
+    unfinished = [(k, p) for k, p in dirs if (k, p) not in finished]
+    for k, path in unfinished:
+        warnings.append(f"{path}: no predictions_test.csv (fold {k} was killed, failed or is still training); left "
+                        f"out: finish it (python -m wsi_pipeline.train ... fold={k}) and report again")
+    untrained = untrained_splits(config, {k for k, _ in dirs})
+    for k, path in untrained.items():
+        warnings.append(f"{path}: fold {k} has a split but no {run_dir / f'fold_{k}'} (never trained); left out: "
+                        f"train it (python -m wsi_pipeline.train ... fold={k}) and report again")
+    stale = {p: keys for p, keys in _stale_folds(run_dir, run_config, warnings).items()
+             if (p / "predictions_test.csv").is_file()}  # an unfinished fold is noted once, above
     for path, keys in sorted(stale.items()):
         warnings.append(f"{path}: trained with other values of {keys} than the run's config.yaml; left out "
                         "(retrain it with the run's settings: overwrite=true)")
-    found = [(k, p) for k, p in found if p not in stale]
+    found = [(k, p) for k, p in finished if p not in stale]
+    left_out = sorted(set(untrained) | {k for k, p in dirs if (k, p) not in found})
     if not found:
         raise ReportError(f"{run_dir}: no fold_<k>/predictions_test.csv" + (" trained with the run's settings"
                           if stale else "") + "; point run= at a finished training run dir "
                           "(python -m wsi_pipeline.train ... writes one per task × model)")
-    return found
+    return found, left_out
 
 
 def _task_type(config: DictConfig | None, first_predictions: Path, warnings: list[str]) -> str:
     task_type = _select(config, "task.type")
     if task_type in REQUIRED_COLUMNS:
         return str(task_type)
-    columns = pd.read_csv(first_predictions, nrows=0).columns
+    columns = read_csv(first_predictions, nrows=0).columns
     guessed = "survival" if "risk" in columns else "classification"
     warnings.append(f"{first_predictions.parent.parent}: no task.type in config.yaml; "
                     f"treating it as {guessed} from the predictions' columns")
@@ -225,7 +302,7 @@ def _load_fold(index: int, path: Path, task_type: str, warnings: list[str]) -> F
     if metrics_path.is_file():
         try:
             data = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError as err:
+        except (OSError, ValueError) as err:  # ValueError: not JSON, or not text
             warnings.append(f"{metrics_path}: not valid JSON ({err}); left out")
         else:
             if isinstance(data, dict):
@@ -244,10 +321,10 @@ def load_run(run_dir: str | Path, features: str | Path | None = None) -> Run:
     if not path.is_dir():
         raise ReportError(f"{path}: not a folder; run= must name a training run dir")
     warnings: list[str] = []
-    fold_dirs = _fold_dirs(path, warnings)
-    config = load_config(path)
+    run_config, config = load_config(path, warnings)
+    fold_dirs, left_out = _fold_dirs(path, run_config, config, warnings)
     if config is None:
-        warnings.append(f"{path}: no config.yaml; task and model names come from the folder name")
+        warnings.append(f"{path}: no usable config.yaml; task and model names come from the folder name")
     task_type = _task_type(config, fold_dirs[0][1] / "predictions_test.csv", warnings)
     folds = [_load_fold(k, p, task_type, warnings) for k, p in fold_dirs]
     n_classes = len(prob_columns(folds[0].test)) if task_type == "classification" else 0
@@ -255,9 +332,8 @@ def load_run(run_dir: str | Path, features: str | Path | None = None) -> Run:
     if (path / "summary.csv").is_file():
         try:
             summary = read_summary(path / "summary.csv")
-        except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
-            warnings.append(f"{path / 'summary.csv'}: cannot read it as CSV ({err}); the metrics table comes from "
-                            "metrics.json only")
+        except ReportError as err:
+            warnings.append(f"{err}; the metrics table comes from metrics.json only")
     else:
         warnings.append(f"{path / 'summary.csv'}: missing; the metrics table comes from metrics.json only")
     feature_dir = features if features is not None else _select(config, "features")
@@ -266,7 +342,7 @@ def load_run(run_dir: str | Path, features: str | Path | None = None) -> Run:
     return Run(path=path, task_type=task_type, task_name=str(_select(config, "task.name", path.parent.name)),
                model_name=str(_select(config, "model.name", path.name)), class_names=class_names(config, n_classes),
                features=Path(feature_dir) if feature_dir else None, folds=folds, summary=summary,
-               warnings=warnings)
+               warnings=warnings, left_out=left_out)
 
 
 def event_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -52,8 +52,11 @@ def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
     if event.sum() == 0 or len(event) < 2:
         return float("nan")
     try:
-        return float(concordance_index_censored(event, np.asarray(time, float), np.asarray(risk, float))[0])
-    except (ZeroDivisionError, ValueError):  # sksurv raises when no pair is comparable
+        # no comparable pair (e.g. all events tied at one time): sksurv divides 0 by 0, which is NaN and a
+        # RuntimeWarning ("invalid value encountered in scalar divide") that would repeat for every bootstrap draw
+        with np.errstate(invalid="ignore"):
+            return float(concordance_index_censored(event, np.asarray(time, float), np.asarray(risk, float))[0])
+    except ValueError:  # sksurv refuses non-finite inputs
         return float("nan")
 
 
