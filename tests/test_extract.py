@@ -20,10 +20,11 @@ from PIL import Image
 
 from wsi_pipeline.encoders import create_encoder
 from wsi_pipeline.config import ConfigError
-from wsi_pipeline.extract import CellKey, Extractor, Shard, compose_config, make_loader, run
+from wsi_pipeline.extract import CellKey, Extractor, compose_config, make_loader, run
 from wsi_pipeline.h5io import PatchGrid, read_features, read_patches, write_patches
 from wsi_pipeline.patch_reader import READERS, JpegTileReader, choose_reader
 from wsi_pipeline.slide import Slide, SlideError
+from wsi_pipeline.stage import Shard
 from wsi_pipeline.synthetic import SyntheticSlide, blobs, known_tissue_patches
 
 REPO = Path(__file__).resolve().parents[1]

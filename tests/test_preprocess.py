@@ -1,6 +1,9 @@
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -9,11 +12,13 @@ import pandas as pd
 import pytest
 import tifffile
 
+from wsi_pipeline import preprocess as preprocess_module
 from wsi_pipeline.config import ConfigError
-from wsi_pipeline.h5io import read_attrs, read_patches
-from wsi_pipeline.preprocess import OutputLayout, compose_config, run
+from wsi_pipeline.h5io import Manifest, read_attrs, read_patches
+from wsi_pipeline.preprocess import OutputLayout, compose_config, process_slide, run
 from wsi_pipeline.qc import cell_borders
-from wsi_pipeline.slide import SlideError
+from wsi_pipeline.slide import SlideError, slide_id_of
+from wsi_pipeline.stage import WORKER_DIED
 from wsi_pipeline.synthetic import Ellipse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,3 +224,139 @@ def test_thumbnail_has_the_mask_size_and_patch_borders(pool_run):
     # The border colour PATCH_RGB has no green; tissue (~140) and glass (~240) have plenty.
     assert green(row, col, 0) < 80 and green(row, col, step // 2) > 100
     assert green(empty_row, empty_col, 0) > 100
+
+
+def test_tissue_without_a_cell_at_the_threshold_fails_with_its_message(slide_20x, tmp_path):
+    """0.86 mm² of tissue in blobs, but no 512 µm cell entirely tissue: the documented message, nothing written."""
+    slides = tmp_path / "slides"
+    link(slide_20x, slides / "a.tif")
+    (outcome,) = preprocess(slides, tmp_path / "out", "patching.patch_size=1024", "patching.tissue_threshold=1.0")
+    assert outcome.status == "failed" and outcome.error.startswith(f"{slides / 'a.tif'}: ")
+    assert "mm² of tissue but no lattice cell is at least 100% tissue; lower patching.tissue_threshold" in outcome.error
+    assert not any(p.exists() for p in OutputLayout(tmp_path / "out").outputs("a"))
+
+
+# -- worker processes, overwrite and resume, shards ------------------------------------------------------------
+def dies_on_b(source: Path, **kwargs) -> int:
+    """process_slide, except that slide b kills its process as a segfault or the OOM killer would."""
+    if slide_id_of(source) == "b":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return process_slide(source, **kwargs)
+
+
+def test_a_worker_that_dies_fails_its_slide_only(slide_20x, tmp_path, monkeypatch):
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    for name in "abcd":
+        link(slide_20x, slides / f"{name}.tif")
+    monkeypatch.setattr(preprocess_module, "process_slide", dies_on_b)
+    outcomes = {o.slide_id: o for o in preprocess(slides, out, "workers=2")}
+    assert {sid: o.status for sid, o in outcomes.items()} == {"a": "ok", "b": "failed", "c": "ok", "d": "ok"}
+    assert outcomes["b"].error == f"{slides / 'b.tif'}: {WORKER_DIED}"
+    manifest = Manifest(out / "manifest.csv").rows
+    assert sorted(manifest) == ["a", "b", "c", "d"] and manifest["b"]["error"] == outcomes["b"].error
+    assert [manifest[s]["status"] for s in "acd"] == ["ok"] * 3
+    assert not any(p.exists() for p in OutputLayout(out).outputs("b")) and not list(out.rglob("*.tmp"))
+
+
+NO_TISSUE = "segment.min_tissue_mm2=1000"  # segmentation settings are not recorded in the patches file
+
+
+def test_overwrite_removes_the_old_outputs_of_a_slide_that_now_fails(slide_20x, tmp_path):
+    """Else the old patches stay, and the next plain run skips the slide with them (and extraction uses them)."""
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    link(slide_20x, slides / "a.tif")
+    link(slide_20x, slides / "b.tif")
+    assert [o.status for o in preprocess(slides, out)] == ["ok", "ok"]
+    (slides / "b.tif").unlink()
+    (failed,) = preprocess(slides, out, "overwrite=true", NO_TISSUE)
+    assert failed.status == "failed" and "a.tif: no tissue found" in failed.error
+    layout = OutputLayout(out)
+    assert not any(p.exists() for p in layout.outputs("a"))
+    assert all(p.exists() for p in layout.outputs("b"))  # not in this run: left alone
+    (again,) = preprocess(slides, out, NO_TISSUE)
+    assert again.status == "failed"
+
+
+@pytest.fixture(scope="module")
+def finished(slide_20x, tmp_path_factory):
+    """slides/a.tif and the folder a default run made of it."""
+    root = tmp_path_factory.mktemp("finished")
+    link(slide_20x, root / "slides" / "a.tif")
+    assert [o.status for o in preprocess(root / "slides", root / "out")] == ["ok"]
+    return root / "slides", root / "out"
+
+
+@pytest.mark.parametrize("setting, difference", [("patching.patch_size=256", "patch_size 512 (this run: 256)"),
+                                                 ("patching.target_mpp=1.0", "target_mpp 0.5 (this run: 1.0)"),
+                                                 ("patching.tissue_threshold=0.5",
+                                                  "tissue_threshold 0.25 (this run: 0.5)")])
+def test_resume_refuses_patches_made_with_other_settings(finished, tmp_path, setting, difference):
+    slides, out = finished
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ConfigError) as err:
+        preprocess(slides, out, setting)
+    message = str(err.value)
+    assert message.startswith(f"{out}: 1 of its 1 finished patches files were made with other settings"), message
+    assert f"{difference} in 1 file(s)" in message and "out=ANOTHER_FOLDER" in message and "overwrite=true" in message
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}  # nothing written, not even the manifest
+    shutil.copytree(out, tmp_path / "out")
+    (redone,) = preprocess(slides, tmp_path / "out", setting, "overwrite=true")
+    assert redone.status == "ok"
+
+
+def test_two_shards_run_one_after_the_other_cover_the_folder(slide_20x, tmp_path, monkeypatch):
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    ids = ["001", "002", "010", "1e5"]  # ids that look like numbers stay text through the shards' manifests
+    for slide_id in ids:
+        link(slide_20x, slides / f"{slide_id}.tif")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        shards.append({o.slide_id for o in preprocess(slides, out)})
+        assert (out / f"manifest.rank{rank}-of-2.csv").is_file()
+    assert shards == [{"001", "010"}, {"002", "1e5"}]
+    assert all(OutputLayout(out).patches(slide_id).is_file() for slide_id in ids)
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str)
+    assert sorted(manifest["slide_id"]) == ids and set(manifest["status"]) == {"ok"}
+
+
+@pytest.mark.parametrize("rank, world_size", [("2", "2"), ("x", "2"), ("0", "0")])
+def test_bad_rank_is_a_clear_error(slide_20x, tmp_path, monkeypatch, rank, world_size):
+    link(slide_20x, tmp_path / "slides" / "a.tif")
+    monkeypatch.setenv("RANK", rank), monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.raises(ConfigError, match="RANK"):
+        preprocess(tmp_path / "slides", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_where_it_stopped(slide_40x, tmp_path):
+    """SIGKILL the app as soon as its first slide is written; the re-run skips it and finishes the rest."""
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    names = [f"s{k}" for k in range(8)]
+    for name in names:
+        link(slide_40x, slides / f"{name}.tif")
+    cmd = [sys.executable, "-m", "wsi_pipeline.preprocess", f"slides={slides}", f"out={out}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "patches").glob("*.h5")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.stem for p in (out / "patches").glob("*.h5"))
+    assert proc.returncode == -signal.SIGKILL, f"the app ended by itself (exit {proc.returncode}) before the kill"
+    assert done and len(done) < len(names), f"the kill came too late to test resuming: {done}"
+    stamps = {sid: OutputLayout(out).patches(sid).stat().st_mtime_ns for sid in done}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = Manifest(out / "manifest.csv").rows
+    assert {sid: row["status"] for sid, row in manifest.items()} == {
+        sid: "skipped" if sid in done else "ok" for sid in names}
+    assert stamps == {sid: OutputLayout(out).patches(sid).stat().st_mtime_ns for sid in done}
+    assert not list(out.rglob("*.tmp"))
+    preprocess(slides, tmp_path / "clean")
+    for sid in names:
+        a, b = read_patches(OutputLayout(out).patches(sid)), read_patches(OutputLayout(tmp_path / "clean").patches(sid))
+        np.testing.assert_array_equal(a.coords, b.coords)
+        assert a.attrs == b.attrs

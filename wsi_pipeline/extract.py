@@ -12,12 +12,11 @@ the current one; each slide's features are still written, and can fail, on their
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -25,7 +24,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import cv2
 import hydra
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -33,10 +31,10 @@ from tqdm.auto import tqdm
 
 from .config import CONFIG_DIR, ConfigError, Rule, check_settings, compose_app, one_of, whole
 from .encoders import Encoder, WeightsError, create_encoder
-from .h5io import FeatureGrid, FormatError, Manifest, PatchGrid, read_attrs, read_patches, write_features
+from .h5io import FeatureGrid, FormatError, PatchGrid, read_attrs, read_patches, write_features
 from .patch_reader import READERS, PatchReader, SlideSource, choose_reader
 from .slide import ReadPlan, Slide, SlideError, list_slides, slide_id_of
-from .stage import Outcome, check_unique_ids, run_per_slide
+from .stage import Outcome, Shard, check_resumable, check_unique_ids, run_per_slide
 
 log = logging.getLogger(__name__)
 
@@ -207,18 +205,6 @@ def check_patches_fit(patches: PatchGrid, path: Path, slide: Slide, plan: ReadPl
                           "Re-run preprocessing for this slide (or put its own patches file there)")
 
 
-def same_attr(have: object, want: object) -> bool:
-    if isinstance(have, (int, float)) and isinstance(want, (int, float)):
-        return math.isclose(have, want, rel_tol=1e-9)
-    return have == want
-
-
-def shown(value: object) -> str:
-    """An attr value for a message; a sha256 is cut to its first 12 digits."""
-    text = str(value)
-    return f"{text[:12]}..." if len(text) > 20 else text
-
-
 class Extractor:
     """The per-slide work function of the stage: `extractor(slide_path) -> n_patches`, writing one file.
 
@@ -269,30 +255,9 @@ class Extractor:
     def check_resumable(self, slides: Sequence[Path]) -> None:
         """Raise ConfigError if finished feature files of `slides` (which a resumed run skips) were made with
         another encoder, weights, input size or read plan than this run would use: one folder, one kind of features.
-
-        Files that cannot be read are left to the stage, which redoes them.
         """
-        differences: Counter[tuple[str, str, str]] = Counter()  # (attr, file's value, this run's) -> files
-        n_finished = n_different = 0
-        for slide in slides:
-            slide_id = slide_id_of(slide)
-            try:
-                have = read_attrs(self.output_of(slide_id))
-            except FormatError:  # no file, or an unreadable one
-                continue
-            want = {**self.encoder_attrs, **self.plan_attrs(slide_id)}
-            differ = [(key, shown(have.get(key, "(missing)")), shown(value)) for key, value in want.items()
-                      if not same_attr(have.get(key), value)]
-            differences.update(differ)
-            n_finished, n_different = n_finished + 1, n_different + bool(differ)
-        if differences:
-            details = "; ".join(f"{key} {have} (this run: {want}) in {n} file(s)"
-                                for (key, have, want), n in differences.items())
-            raise ConfigError(
-                f"{self.out_dir}: {n_different} of its {n_finished} finished feature files were made with other "
-                f"settings than this run's, and resuming would skip them and mix two kinds of features in one folder: "
-                f"{details}. Write this run to another folder (out=ANOTHER_FOLDER), or redo those files with this "
-                "run's settings (overwrite=true)")
+        check_resumable(self.out_dir, map(slide_id_of, slides), self.output_of,
+                        lambda slide_id: {**self.encoder_attrs, **self.plan_attrs(slide_id)}, "feature files")
 
     def plan_attrs(self, slide_id: str) -> dict:
         """The read-plan attrs of the slide's current patches file ({} if it has none that can be read)."""
@@ -444,43 +409,7 @@ class BatchGatherer:
         self.count = len(x) - cut
 
 
-# -- the run: sharding across torchrun ranks, manifests -------------------------------------------
-@dataclass(frozen=True)
-class Shard:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Shard":
-        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
-
-    def take(self, sources: Sequence[Path]) -> list[Path]:
-        """Every world_size-th slide of the sorted list, from rank: disjoint shards covering all slides."""
-        return sorted(sources)[self.rank::self.world_size]
-
-    def manifest_path(self, out_dir: Path) -> Path:
-        if self.world_size == 1:
-            return out_dir / "manifest.csv"
-        return out_dir / f"manifest.rank{self.rank}-of-{self.world_size}.csv"
-
-
-def merge_manifests(out_dir: Path, world_size: int) -> Path:
-    """Fold the ranks' manifests into manifest.csv, under a lock: the last rank to finish writes it complete."""
-    merged = out_dir / "manifest.csv"
-    with open(out_dir / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = Manifest(merged)
-        for rank in range(world_size):
-            part = Shard(rank, world_size).manifest_path(out_dir)
-            if part.is_file():
-                for row in pd.read_csv(part, keep_default_na=False).to_dict("records"):
-                    manifest.rows[str(row["slide_id"])] = row
-        manifest.save()
-    return merged
-
-
+# -- the run: sharding across torchrun ranks (stage.Shard) ---------------------------------------
 def pick_device(name: str, shard: Shard) -> torch.device:
     """`auto`: this rank's GPU if there is one, else the CPU; a bare `cuda` also means this rank's GPU."""
     if name == "auto":
@@ -517,17 +446,13 @@ def run(cfg: DictConfig, encoder: Encoder | None = None) -> list[Outcome]:
     sources = shard.take(slides)
     log.info("rank %d/%d: %d slides, encoder %s (%d-d, input %d px) on %s", shard.rank, shard.world_size,
              len(sources), encoder.name, encoder.embed_dim, encoder.input_size, device)
-    manifest_path = shard.manifest_path(out_dir)
-    if shard.world_size > 1:
-        manifest_path.unlink(missing_ok=True)  # this run's rows only; older ones live in manifest.csv
     start = time.perf_counter()
     try:
-        outcomes = run_per_slide(sources, extractor, extractor.output_of, Manifest(manifest_path),
-                                 overwrite=cfg.overwrite, desc=f"extract {encoder.name}", plan=extractor.plan)
+        with shard.manifest(out_dir) as manifest:
+            outcomes = run_per_slide(sources, extractor, extractor.output_of, manifest,
+                                     overwrite=cfg.overwrite, desc=f"extract {encoder.name}", plan=extractor.plan)
     finally:
         extractor.close()
-    if shard.world_size > 1:
-        merge_manifests(out_dir, shard.world_size)
     done = [o for o in outcomes if o.status == "ok"]
     seconds = time.perf_counter() - start
     log.info("rank %d: %d slides extracted, %d patches in %.1f s (%.0f patches/s)", shard.rank, len(done),

@@ -1,16 +1,18 @@
 """Stage 1-2: tissue segmentation and patching of a folder of slides (a Hydra app).
 
     python -m wsi_pipeline.preprocess slides=DIR out=DIR [workers=4] [overwrite=true] [slide.mpp=0.25]
+    RANK=r WORLD_SIZE=n python -m wsi_pipeline.preprocess ...   # n processes (e.g. a job array), slides sharded
 
 Writes, per slide, `tissue/<id>.geojson`, `thumbnails/<id>.jpg` and then `patches/<id>.h5`: the .h5
-comes last, so its presence marks a finished slide (that is what a re-run skips). `manifest.csv`
-gets one row per slide. Settings: configs/preprocess.yaml; docs: docs/preprocess.md.
+comes last, so its presence marks a finished slide (that is what a re-run skips, provided it records this
+run's patching settings). `manifest.csv` gets one row per slide. Per-slide driving (resume, worker
+processes, failures, shards' manifests) is `stage.py`'s. Settings: configs/preprocess.yaml; docs: docs/preprocess.md.
 """
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -18,12 +20,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_DIR, ConfigError, check_settings, compose_app, positive, whole
-from .h5io import Manifest, PatchGrid, write_patches
+from .h5io import PatchGrid, write_patches
 from .patching import PatchParams, lattice_shape, patch_grid
 from .qc import draw_qc, write_thumbnail
 from .segment import SegmentParams, Segmentation, segment_slide, write_geojson
-from .slide import SLIDE_EXTENSIONS, ReadPlan, Slide, SlideError, list_slides
-from .stage import Outcome, run_per_slide
+from .slide import SLIDE_EXTENSIONS, ReadPlan, Slide, SlideError, list_slides, slide_id_of
+from .stage import Outcome, Shard, check_resumable, check_unique_ids, run_per_slide
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ class PreprocessSettings:
         check_settings("qc", cfg.qc, {"thumbnail_max_px": whole(1)})
         return cls(**made, mpp_override=cfg.slide.mpp, thumbnail_max_px=cfg.qc.thumbnail_max_px)
 
+    def recorded(self) -> dict:
+        """The settings a patches file records among its attrs (patch_size, target_mpp, tissue_threshold):
+        a finished file is resumed only if they are this run's."""
+        return asdict(self.patching)
+
 
 @dataclass(frozen=True)
 class OutputLayout:
@@ -67,6 +74,10 @@ class OutputLayout:
 
     def thumbnail(self, slide_id: str) -> Path:
         return self.root / "thumbnails" / f"{slide_id}.jpg"
+
+    def outputs(self, slide_id: str) -> list[Path]:
+        """Every file of a slide, its patches file (the mark of a finished slide) first."""
+        return [self.patches(slide_id), self.tissue(slide_id), self.thumbnail(slide_id)]
 
     @property
     def manifest(self) -> Path:
@@ -151,12 +162,21 @@ def run(cfg: DictConfig) -> list[Outcome]:
         raise SlideError(f"missing {' and '.join(missing)}: python -m wsi_pipeline.preprocess slides=DIR out=DIR")
     settings = PreprocessSettings.from_config(cfg)
     layout = OutputLayout(Path(cfg.out))
-    sources = list_slides(cfg.slides)
-    if not sources:
+    shard = Shard.from_env()
+    slides = list_slides(cfg.slides)
+    if not slides:
         raise SlideError(f"{cfg.slides}: no slide files in this folder (extensions {', '.join(SLIDE_EXTENSIONS)})")
+    check_unique_ids(slides)  # all of them, before sharding: two ids may land on two shards
+    if not cfg.overwrite:  # every shard checks the whole folder, so all stop or none
+        check_resumable(layout.root, map(slide_id_of, slides), layout.patches, lambda _: settings.recorded(),
+                        "patches files")
+    sources = shard.take(slides)
+    if shard.world_size > 1:
+        log.info("shard %d of %d: %d of the %d slides", shard.rank, shard.world_size, len(sources), len(slides))
     work = partial(process_slide, out=layout.root, settings=settings)
-    outcomes = run_per_slide(sources, work, layout.patches, Manifest(layout.manifest), overwrite=cfg.overwrite,
-                             workers=cfg.workers, desc="preprocess")
+    with shard.manifest(layout.root) as manifest:
+        outcomes = run_per_slide(sources, work, layout.patches, manifest, overwrite=cfg.overwrite,
+                                 workers=cfg.workers, desc="preprocess", outputs_of=layout.outputs)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
     log.info("preprocess: %(ok)d ok, %(skipped)d skipped, %(failed)d failed", counts)
     log.info("outputs in %s (manifest: %s)", layout.root, layout.manifest)
@@ -175,7 +195,7 @@ def main(cfg: DictConfig) -> None:
     except (SlideError, ConfigError) as err:  # no or a bad `slides=` folder, duplicate ids, a bad setting: one line
         log.error("%s", err)
         sys.exit(1)
-    if all(o.status == "failed" for o in outcomes):  # nothing for the next stage: stop a chain of make targets
+    if outcomes and all(o.status == "failed" for o in outcomes):  # nothing for the next stage: stop a make chain
         log.error("every slide failed (%d); the reasons are above and in %s", len(outcomes),
                   OutputLayout(Path(cfg.out)).manifest)
         sys.exit(1)
