@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .reference import lattice_conv_silu_ref
-from .selective_scan import _use_kernel, extension
+from .selective_scan import _cast, _use_kernel, extension
 
 KERNEL_SIZES = (1, 3, 5, 7)  # the kernels' templates (ops/csrc/lattice_conv.cu, `supported`)
 
@@ -17,8 +17,8 @@ KERNEL_SIZES = (1, 3, 5, 7)  # the kernels' templates (ops/csrc/lattice_conv.cu,
 def conv_forward(x, weight, bias, height: int, width: int):
     """The kernel's forward on x (..., C, height * width) contiguous: silu(conv(x) + bias), and what
     `conv_backward` needs: (tensors, meta)."""
-    w = weight.float().contiguous()
-    b = None if bias is None else bias.float().contiguous()
+    w = _cast(weight, torch.float32).contiguous()
+    b = None if bias is None else _cast(bias, torch.float32).contiguous()
     out = extension().lattice_conv_fwd(x, w, b, height, width)
     return out, ((x, w, b), (height, width, weight.dtype, None if bias is None else bias.dtype))
 
@@ -26,8 +26,8 @@ def conv_forward(x, weight, bias, height: int, width: int):
 def conv_backward(saved, grad):
     """The kernel's backward: the gradients of x, weight and bias (None without a bias)."""
     (x, w, b), (height, width, w_dtype, b_dtype) = saved
-    gx, gw, gb = extension().lattice_conv_bwd(grad.to(x.dtype).contiguous(), x, w, b, height, width)
-    return gx, gw.to(w_dtype), None if b is None else gb.to(b_dtype)
+    gx, gw, gb = extension().lattice_conv_bwd(_cast(grad, x.dtype).contiguous(), x, w, b, height, width)
+    return gx, _cast(gw, w_dtype), None if b is None else _cast(gb, b_dtype)
 
 
 def kernel_conv(weight: torch.Tensor) -> bool:

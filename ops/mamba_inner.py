@@ -69,7 +69,7 @@ def _scan_ref(ref, u, delta, A, B, C, D, z, delta_bias, softplus, height: int, w
     return _reference(ref, u, delta, A, B, C, D, z, delta_bias, softplus, **grid)
 
 
-KERNEL_SCAN = Primitive(scan2d_forward, scan2d_backward)
+KERNEL_SCAN = Primitive(scan2d_forward, functools.partial(scan2d_backward, bc_as_summed=True))
 KERNEL_LATTICE_CONV = Primitive(conv_forward, conv_backward)
 
 
@@ -140,7 +140,11 @@ class _MambaInner(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dz, d_dt_b = plan.scan.backward(scan_saved, out_c.t() @ g.t())[:8]
         d_out_w = _mm(g.t(), y.t(), out_w_t)  # (d_model, d_inner)
         d_dt_w = _mm(ddelta, dt.t(), dt_w_t)
-        dxdbl = torch.cat([dt_c.t() @ ddelta, dB, dC])  # (dt_rank + 2 d_state, L)
+        r, n = plan.dt_rank, plan.d_state
+        dxdbl = ddelta.new_empty((r + 2 * n, ddelta.shape[-1]))  # the gradient of (dt, B, C)
+        torch.mm(dt_c.t(), ddelta, out=dxdbl[:r])
+        dxdbl[r:r + n].copy_(dB.reshape(n, -1))  # from the kernel's float32 sums, or the reference's (n, L)
+        dxdbl[r + n:].copy_(dC.reshape(n, -1))
         d_x_w = _mm(dxdbl, u.t(), x_w_t)
         du0, d_conv_w, d_conv_b = plan.conv.backward(conv_saved, torch.addmm(du, x_c.t(), dxdbl))[:3]
         dxz = torch.cat([du0, dz])  # (2 d_inner, L)

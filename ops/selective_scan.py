@@ -58,15 +58,30 @@ def kernels_for(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in KERNEL_DTYPES and extension() is not None
 
 
+# The adapters below call a tensor method only when it changes something: a training step of one slide is bound by
+# the host, and a `.to()` or `.reshape()` that returns its input still costs a dispatch (2-4 us of host time each;
+# the wrappers' ~20 of them took 40 us per forward and 90 us per backward on the H200's host).
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _shaped(x: torch.Tensor, shape) -> torch.Tensor:
+    return x if x.shape == shape else x.reshape(shape)
+
+
 def _aligned(x: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (the kernels read rows with 16-byte loads)."""
     x = x.contiguous()
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
-def _grouped(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """B or C as a contiguous, aligned (batch, groups, n, L) tensor of the kernel's dtype."""
-    return _aligned((x.unsqueeze(1) if x.dim() == 3 else x).to(dtype))
+def _grouped(x: torch.Tensor, dtype: torch.dtype, unbatched: bool) -> torch.Tensor:
+    """B or C ((batch,) (groups,) n, L) as a contiguous, aligned (batch, groups, n, L) tensor of the kernel's dtype."""
+    if unbatched:  # (n, L) or (groups, n, L)
+        return _aligned(_cast(_shaped(x, (1,) * (4 - x.dim()) + tuple(x.shape)), dtype))
+    return _aligned(_cast(x.unsqueeze(1) if x.dim() == 3 else x, dtype))
 
 
 def _spec(x: torch.Tensor | None) -> tuple | None:
@@ -75,12 +90,12 @@ def _spec(x: torch.Tensor | None) -> tuple | None:
 
 def _as(grad: torch.Tensor | None, spec: tuple | None) -> torch.Tensor | None:
     """A gradient in the shape and dtype of its input."""
-    return None if grad is None or spec is None else grad.reshape(spec[0]).to(spec[1])
+    return None if grad is None or spec is None else _cast(_shaped(grad, spec[0]), spec[1])
 
 
-def _batch_of_one(u, delta, B, C, z):
-    """Unbatched inputs (u, delta, z of (d, L); B, C of (n, L) or (groups, n, L)) as a batch of one."""
-    return u[None], delta[None], B[None], C[None], None if z is None else z[None]
+def _batch_of_one(u, delta, z):
+    """Unbatched u, delta, z (d, L) as a batch of one (B and C: `_grouped`)."""
+    return u.unsqueeze(0), delta.unsqueeze(0), None if z is None else z.unsqueeze(0)
 
 
 def scan2d_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, height: int, width: int):
@@ -90,23 +105,26 @@ def scan2d_forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, height: 
     specs = tuple(map(_spec, (u, delta, A, B, C, D, z, delta_bias)))
     unbatched = u.dim() == 2
     if unbatched:
-        u, delta, B, C, z = _batch_of_one(u, delta, B, C, z)
-    dtype = u.dtype
-    ins = (_aligned(u), _aligned(delta.to(dtype)), A.float().contiguous(), _grouped(B, dtype),
-           _grouped(C, dtype), None if D is None else D.float().contiguous(),
-           None if z is None else _aligned(z.to(dtype)),
-           None if delta_bias is None else delta_bias.float().contiguous())
+        u, delta, z = _batch_of_one(u, delta, z)
+    dtype, f32 = u.dtype, torch.float32
+    ins = (_aligned(u), _aligned(_cast(delta, dtype)), _cast(A, f32).contiguous(), _grouped(B, dtype, unbatched),
+           _grouped(C, dtype, unbatched), None if D is None else _cast(D, f32).contiguous(),
+           None if z is None else _aligned(_cast(z, dtype)),
+           None if delta_bias is None else _cast(delta_bias, f32).contiguous())
     out, ypre, ckpt = extension().scan2d_fwd(*ins, softplus, height, width, STRIP)
     return out[0] if unbatched else out, ((*ins, ckpt, ypre), (softplus, height, width, specs))
 
 
-def scan2d_backward(saved, dout):
+def scan2d_backward(saved, dout, bc_as_summed: bool = False):
     """The kernels' backward: the gradients of u, delta, A, B, C, D, z, delta_bias, each in its input's shape and
-    dtype (None for inputs not given)."""
+    dtype (None for inputs not given). `bc_as_summed`: dB and dC as the kernel sums them, float32 (batch, groups,
+    n, L), for a caller that copies them on anyway (`mamba_inner`: into its x_proj gradient; the casts cost ~20 us
+    of host time each)."""
     (*ins, ckpt, ypre), (softplus, height, width, specs) = saved
     grads = extension().scan2d_bwd(*ins, softplus, height, width, STRIP, ckpt, ypre,
-                                   _aligned(dout.reshape(ins[0].shape).to(ins[0].dtype)))
-    return tuple(_as(g, spec) for g, spec in zip(grads, specs))
+                                   _aligned(_cast(_shaped(dout, ins[0].shape), ins[0].dtype)))
+    return tuple(g if bc_as_summed and k in (3, 4) else _as(g, spec)
+                 for k, (g, spec) in enumerate(zip(grads, specs)))
 
 
 class _Scan2d(torch.autograd.Function):
@@ -169,8 +187,8 @@ def _reference(ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus, **grid)
     """A reference scan, on unbatched inputs as a batch of one."""
     if u.dim() != 2:
         return ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **grid)
-    u, delta, B, C, z = _batch_of_one(u, delta, B, C, z)
-    return ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, **grid)[0]
+    u, delta, z = _batch_of_one(u, delta, z)
+    return ref(u, delta, A, B.unsqueeze(0), C.unsqueeze(0), D, z, delta_bias, delta_softplus, **grid)[0]
 
 
 def selective_scan_1d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

@@ -89,12 +89,12 @@ class Packed:
         self.tensors = self._cut(flat)
 
     def _cut(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        out, start = [], 0
-        for dtype, shape in self.specs:
-            size = dtype.itemsize * math.prod(shape)
-            out.append(flat[start:start + size].view(dtype).view(shape))
-            start += size
-        return out
+        """The tensors as views of `flat`: one split, then each piece seen as its dtype (and shape, if not 1-D). Few
+        ops: on the device this runs in every training step, whose host time bounds it."""
+        sizes = [dtype.itemsize * math.prod(shape) for dtype, shape in self.specs]
+        pieces = flat.split(sizes) if len(sizes) > 1 else [flat]
+        return [piece.view(dtype) if len(shape) == 1 else piece.view(dtype).view(shape)
+                for piece, (dtype, shape) in zip(pieces, self.specs)]
 
     def pin_memory(self) -> Packed:
         return self if self.pinned else Packed(self.tensors, self.flat.pin_memory(), pinned=True)
