@@ -14,11 +14,15 @@ def test_mpp_from_metadata_and_levels(slide_40x):
         assert s.slide_id == "slide_40x"
 
 
-def test_mpp_from_objective_power_warns(slide_factory, caplog):
+def test_mpp_from_objective_power_warns_and_an_explicit_value_beats_it(slide_factory, caplog):
     path = slide_factory("power_only.tif", width=2048, height=2048, mpp=None, app_mag=20)
     with Slide(path) as s:
         assert s.mpp == pytest.approx(0.5) and s.mpp_source == "objective_power"
     assert "objective power" in caplog.text
+    with Slide(path, mpp_override=0.2627) as s:  # the user's slide.mpp: not overruled by the 10 / power guess
+        assert s.mpp == 0.2627 and s.mpp_source == "override"
+    with Slide(slide_factory("slide_40x.tif"), mpp_override=0.5) as s:  # the slide's own metadata wins
+        assert s.mpp == pytest.approx(0.25) and s.mpp_source == "metadata"
 
 
 def test_missing_mpp_needs_override(slide_factory):

@@ -36,7 +36,8 @@ class MppResolution:
 
 
 def resolve_mpp(properties: dict, path: str | Path, override: float | None = None) -> MppResolution:
-    """µm/px at level 0 from the slide's metadata, else its objective power, else `override`."""
+    """µm/px at level 0 from the slide's metadata, else `override` (the user's `slide.mpp`), else the objective
+    power's usual resolution (a guess, with a warning): an explicit value beats a guess."""
     mpp_x, mpp_y = properties.get(openslide.PROPERTY_NAME_MPP_X), properties.get(openslide.PROPERTY_NAME_MPP_Y)
     try:
         values = [float(v) for v in (mpp_x, mpp_y) if v is not None]
@@ -47,6 +48,8 @@ def resolve_mpp(properties: dict, path: str | Path, override: float | None = Non
         if len(values) == 2 and abs(values[0] - values[1]) > 0.01 * max(values):
             log.warning("%s: non-square pixels (mpp-x %s, mpp-y %s); using their mean", path, mpp_x, mpp_y)
         return MppResolution(float(np.mean(values)), "metadata")
+    if override is not None and override > 0:
+        return MppResolution(float(override), "override")
     power = properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
     try:
         power_value = float(power) if power is not None else 0.0
@@ -54,10 +57,9 @@ def resolve_mpp(properties: dict, path: str | Path, override: float | None = Non
         power_value = 0.0
     if power_value > 0:
         mpp = MPP_TIMES_POWER / power_value
-        log.warning("%s: no µm/px in the metadata; assuming %.4g µm/px from objective power %gx", path, mpp, power_value)
+        log.warning("%s: no µm/px in the metadata; assuming %.4g µm/px from objective power %gx (slide.mpp= sets it)",
+                    path, mpp, power_value)
         return MppResolution(mpp, "objective_power")
-    if override is not None and override > 0:
-        return MppResolution(float(override), "override")
     raise SlideError(
         f"{path}: no µm/px in the slide's metadata (openslide.mpp-x/y) and no objective power; "
         "pass the level-0 resolution explicitly, e.g. `slide.mpp=0.25` for a 40x scan or `slide.mpp=0.5` for 20x"
