@@ -12,6 +12,7 @@ ENCODER ?= uni
 WEIGHTS ?=
 TASK ?= panda
 MODEL ?= mamba2d
+# (the timm encoder writes features/timm_<model_name>: pass FEATURES= for it)
 FEATURES ?= $(OUT)/features/$(ENCODER)
 RUN ?=
 ARGS ?=
@@ -74,4 +75,4 @@ bench: bench-preprocess bench-extract
 	else echo "no CUDA device: bench-ops and bench-train skipped (run them on a GPU machine)"; fi
 
 clean:
-	rm -rf build demo_out bench_out outputs multirun .pytest_cache
+	rm -rf build demo_out bench_out outputs multirun runs .pytest_cache

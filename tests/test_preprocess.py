@@ -189,7 +189,8 @@ def test_bad_settings_fail_the_run_once_before_any_slide(slide_20x, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
-    assert "invalid setting(s): segment.method='triangle' (must be one of otsu, fixed)" in output
+    assert ("invalid setting(s): segment.method='triangle' (must be one of otsu, fixed); "
+            "patching.patch_size=-5 (must be a whole number >= 16)") in output  # both groups, one message
     with pytest.raises(ConfigError, match=r"patching.patch_size=-5 \(must be a whole number >= 16\)"):
         run(compose_config([f"slides={slides}", f"out={out}", "patching.patch_size=-5"]))
     with pytest.raises(ConfigError, match=r"patching.tissue_threshold=1.5 \(must be a tissue fraction from 0 to 1\)"):

@@ -42,16 +42,26 @@ class PreprocessSettings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "PreprocessSettings":
         """The settings of configs/preprocess.yaml, checked: a bad value or unknown key is a ConfigError."""
-        groups = {"segment": SegmentParams, "patching": PatchParams}
-        made = {}
-        for name, params in groups.items():
+        made, problems = {}, []
+
+        def checked(make) -> None:  # every group's problems are collected into one message
+            try:
+                make()
+            except ConfigError as err:
+                problems.append(str(err).removeprefix("invalid setting(s): "))
+
+        for name, params in {"segment": SegmentParams, "patching": PatchParams}.items():
             values = OmegaConf.to_container(cfg[name])
             unknown = sorted(set(values) - set(params.__dataclass_fields__))
             if unknown:
-                raise ConfigError(f"unknown {name} setting(s) {unknown}; known: {sorted(params.__dataclass_fields__)}")
-            made[name] = params(**values)
-        check_settings("slide", cfg.slide, {"mpp": (lambda v: v is None or positive()[0](v), "null or level-0 µm/px > 0")})
-        check_settings("qc", cfg.qc, {"thumbnail_max_px": whole(1)})
+                problems.append(f"unknown {name} setting(s) {unknown} (known: {sorted(params.__dataclass_fields__)})")
+            else:
+                checked(lambda: made.__setitem__(name, params(**values)))
+        mpp = (lambda v: v is None or positive()[0](v), "null or level-0 µm/px > 0")
+        checked(lambda: check_settings("slide", cfg.slide, {"mpp": mpp}))
+        checked(lambda: check_settings("qc", cfg.qc, {"thumbnail_max_px": whole(1)}))
+        if problems:
+            raise ConfigError(f"invalid setting(s): {'; '.join(problems)}")
         return cls(**made, mpp_override=cfg.slide.mpp, thumbnail_max_px=cfg.qc.thumbnail_max_px)
 
     def recorded(self) -> dict:

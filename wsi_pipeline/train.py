@@ -89,8 +89,8 @@ class TrainSettings:
     weight_decay: float = 1e-2
     amp: bool = True  # bf16 autocast, on CUDA only
     seed: int = 0
-    device: str = "cpu"
-    workers: int = 0  # processes reading feature files ahead of the GPU (0: read in the training loop)
+    device: str = "cpu"  # resolved: configs/train.yaml's `auto` is cuda when there is one (`_settings`)
+    workers: int = 2  # processes reading feature files ahead of the GPU (0: read in the training loop)
 
 
 def seed_everything(seed: int) -> None:
