@@ -322,6 +322,22 @@ def test_two_shards_run_one_after_the_other_cover_the_folder(slide_20x, tmp_path
     assert sorted(manifest["slide_id"]) == ids and set(manifest["status"]) == {"ok"}
 
 
+def test_a_hydra_sweep_over_shard_ranks_covers_the_folder(slide_20x, tmp_path):
+    """DESIGN's route: Hydra's launcher (submitit_local here, submitit_slurm on a cluster) runs one job per
+    shard.rank; together they do every slide once and leave one complete manifest."""
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    for slide_id in ("a", "b", "c"):
+        link(slide_20x, slides / f"{slide_id}.tif")
+    cmd = [sys.executable, "-m", "wsi_pipeline.preprocess", "-m", "hydra/launcher=submitit_local", f"slides={slides}",
+           f"out={out}", "shard.world_size=2", "shard.rank=0,1"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str)
+    assert sorted(manifest["slide_id"]) == ["a", "b", "c"] and set(manifest["status"]) == {"ok"}
+    assert {f.name for f in out.glob("manifest.rank*")} == {"manifest.rank0-of-2.csv", "manifest.rank1-of-2.csv"}
+
+
 @pytest.mark.parametrize("rank, world_size", [("2", "2"), ("x", "2"), ("0", "0")])
 def test_bad_rank_is_a_clear_error(slide_20x, tmp_path, monkeypatch, rank, world_size):
     link(slide_20x, tmp_path / "slides" / "a.tif")

@@ -172,7 +172,7 @@ def run(cfg: DictConfig) -> list[Outcome]:
         raise SlideError(f"missing {' and '.join(missing)}: python -m wsi_pipeline.preprocess slides=DIR out=DIR")
     settings = PreprocessSettings.from_config(cfg)
     layout = OutputLayout(Path(cfg.out))
-    shard = Shard.from_env()
+    shard = Shard.of(cfg.shard.rank, cfg.shard.world_size)
     slides = list_slides(cfg.slides)
     if not slides:
         raise SlideError(f"{cfg.slides}: no slide files in this folder (extensions {', '.join(SLIDE_EXTENSIONS)})")

@@ -152,6 +152,16 @@ class Shard:
         """RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun, or by hand); a plain run is rank 0 of 1."""
         return cls(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
 
+    @classmethod
+    def of(cls, rank: int | None = None, world_size: int | None = None) -> "Shard":
+        """The shard the settings name (`shard.rank` / `shard.world_size`: a Hydra sweep over the ranks, e.g. through
+        the submitit launcher), where given; else the environment's (`from_env`)."""
+        env = cls.from_env()
+        if rank is None and world_size is None:
+            return env
+        return cls(env.rank if rank is None else int(rank), env.world_size if world_size is None else int(world_size),
+                   env.local_rank)
+
     def take(self, sources: Sequence[Path]) -> list[Path]:
         """Every world_size-th slide of the sorted list, from rank: disjoint shards covering all slides."""
         return sorted(sources)[self.rank::self.world_size]
