@@ -184,6 +184,8 @@ def mamba_inner(x, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_pro
     """
     if kind not in MIXERS:
         raise ValueError(f"kind must be one of {sorted(MIXERS)}, not {kind!r}")
+    if kind == "1d" and height != 1:
+        raise ValueError(f"kind '1d' scans one sequence: height must be 1, not {height}")
     if height * width != x.shape[0]:
         raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {x.shape[0]}")
     dtype = compute_dtype(x)

@@ -162,11 +162,18 @@ def test_pinned_grid_prep_gives_the_models_own_output_on_the_gpu(name):
 
 
 def test_mamba2d_caps_huge_lattices_and_keeps_one_weight_per_row():
-    model = small_model("mamba2d", max_cells=50)
+    model = small_model("mamba2d", max_cells=10)
     feats, grid, _ = tiny_bags(1)[0]
-    out = model(feats, grid * 4)  # 17 x 21 cells spread out: coarsened to at most 50
+    lattice = model.grid_prep(grid)  # 5 x 6 cells coarsened to at most 10: rows share cells
+    assert lattice.stride > 1 and lattice.height * lattice.width <= 10 and lattice.merged
+    out = model(feats, grid)
     assert out.attention.shape == (len(feats),)
     assert out.attention.sum().item() == pytest.approx(1.0, abs=1e-5)
+    shared = lattice.count[lattice.cell] > 1  # rows merged into one cell share its weight equally
+    cell_of_shared = lattice.cell[shared]
+    first = cell_of_shared[0]
+    weights = out.attention[lattice.cell == first]
+    assert len(weights) > 1 and torch.allclose(weights, weights[0].expand_as(weights))
 
 
 def test_column_first_scan_is_the_row_first_scan_of_the_transposed_slide():
@@ -191,6 +198,9 @@ def test_padding_switches():
     a, b = masked(feats, grid), unmasked(feats, grid)
     assert not torch.allclose(a.logits, b.logits)  # padding cells took part in the unmasked softmax
     assert b.attention.sum().item() == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():  # the pad token fills the background cells the scan and the conv read
+        masked.pad.add_(1.0)
+    assert not torch.allclose(masked(feats, grid).logits, a.logits)
 
 
 def test_survival_head():

@@ -40,6 +40,43 @@ def test_constant_decay_is_manhattan_distance():
         torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
 
+def naive_2d(u, delta, A, B, C, height, width):
+    """DESIGN.md's 2D scan as plain loops, one position at a time: in every row the horizontal recurrence
+    h_r[i, j] = dA[i, j] h_r[i, j-1] + dBu[i, j], then in every column of h_r the vertical one with the same dA,
+    h[i, j] = dA[i, j] h[i-1, j] + h_r[i, j]; y = <C, h>."""
+    batch, d, _ = u.shape
+    n = A.shape[1]
+    y = torch.zeros(batch, d, height * width, dtype=u.dtype)
+    for b in range(batch):
+        for c in range(d):
+            for s in range(n):
+                dA = torch.exp(delta[b, c] * A[c, s]).view(height, width)
+                dBu = (delta[b, c] * B[b, s] * u[b, c]).view(height, width)
+                h_row = torch.zeros(height, width, dtype=u.dtype)
+                for i in range(height):
+                    for j in range(width):
+                        h_row[i, j] = (dA[i, j] * h_row[i, j - 1] if j else 0) + dBu[i, j]
+                h = torch.zeros(height, width, dtype=u.dtype)
+                for j in range(width):
+                    for i in range(height):
+                        h[i, j] = (dA[i, j] * h[i - 1, j] if i else 0) + h_row[i, j]
+                y[b, c] += (C[b, s].view(height, width) * h).flatten()
+    return y
+
+
+@pytest.mark.parametrize("height,width", [(3, 4), (4, 3), (2, 5)])
+def test_row_first_scan_against_loops_with_position_dependent_steps(height, width):
+    """Steps (delta) that differ per position: unlike a constant dA, the result then depends on scanning rows
+    first and columns second, so this pins the order (a column-first reference fails it)."""
+    x = inputs(batch=2, d=3, n=2, L=height * width, seed=height * 10 + width)
+    torch.testing.assert_close(selective_scan_2d_ref(**x, height=height, width=width),
+                               naive_2d(**x, height=height, width=width), rtol=1e-10, atol=1e-10)
+    transposed = {k: v.view(*v.shape[:-1], height, width).transpose(-1, -2).flatten(-2) if v.shape[-1] == height * width
+                  else v for k, v in x.items()}
+    column_first = naive_2d(**transposed, height=width, width=height).view(2, 3, width, height).transpose(-1, -2)
+    assert not torch.allclose(column_first.flatten(-2), naive_2d(**x, height=height, width=width))
+
+
 @pytest.mark.parametrize("height,width", [(1, 9), (9, 1)])
 def test_single_row_or_column_is_the_1d_scan(height, width):
     x = inputs(L=height * width)
@@ -229,3 +266,13 @@ def test_mamba_inner_rejects_a_bad_kind_or_shape():
         ops.mamba_inner(torch.zeros(6, 8, dtype=F64), **w, kind="3d", height=2, width=3)
     with pytest.raises(ValueError, match="does not match L = 6"):
         ops.mamba_inner(torch.zeros(6, 8, dtype=F64), **w, kind="2d", height=2, width=4)
+
+
+def test_mamba_inner_1d_refuses_a_lattice():
+    """kind "1d" scans one sequence; given height > 1 the reference would ignore it and the kernel would scan a 2D
+    lattice: refused."""
+    d, di, r, n = 4, 8, 1, 2
+    args = (torch.randn(6, d), torch.randn(2 * di, d), torch.randn(di, 1, 3), torch.randn(di), torch.randn(r + 2 * n, di),
+            torch.randn(di, r), torch.randn(di), torch.randn(di, n), torch.randn(di), torch.randn(d, di))
+    with pytest.raises(ValueError, match="height must be 1, not 2"):
+        ops.mamba_inner(*args, kind="1d", height=2, width=3)

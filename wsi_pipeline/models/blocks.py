@@ -152,9 +152,10 @@ LATTICE_TENSORS = ("cell", "count", "background", "score_bias")
 def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | str | None = None) -> Lattice:
     """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at most
     `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged); widen it with
-    background on the right and at the bottom to sides the scan kernels read at full speed (`ops.aligned_width`:
-    a multiple of 4 cells from 65 to 128, of 8 above) when that stays within `max_cells`. The added cells are padding like any
-    other background cell, and the Mamba blocks then need no widening of their own (a copy each way).
+    background on the right and at the bottom to sides the 16-bit scan kernels read at full speed
+    (`ops.aligned_width`: a multiple of 4 cells from 65 to 128, of 8 above) when that stays within `max_cells`. The
+    added cells are padding like any other background cell, and the Mamba blocks under bf16 autocast then need no
+    widening of their own (a copy each way; in fp32, rows of 33-64 cells are still widened by `ops.mamba_inner`).
 
     The lattice's sides are Python ints (the scan's shape): built from a grid on the host this costs no device
     synchronisation, and its tensors go to `device` (default: the grid's) in one copy that does not block.
