@@ -272,7 +272,8 @@ def test_mamba_inner_1d_refuses_a_lattice():
     """kind "1d" scans one sequence; given height > 1 the reference would ignore it and the kernel would scan a 2D
     lattice: refused."""
     d, di, r, n = 4, 8, 1, 2
-    args = (torch.randn(6, d), torch.randn(2 * di, d), torch.randn(di, 1, 3), torch.randn(di), torch.randn(r + 2 * n, di),
-            torch.randn(di, r), torch.randn(di), torch.randn(di, n), torch.randn(di), torch.randn(d, di))
+    args = (torch.randn(6, d), torch.randn(2 * di, d), torch.randn(di, 1, 3), torch.randn(di),
+            torch.randn(r + 2 * n, di), torch.randn(di, r), torch.randn(di), torch.randn(di, n), torch.randn(di),
+            torch.randn(d, di))
     with pytest.raises(ValueError, match="height must be 1, not 2"):
         ops.mamba_inner(*args, kind="1d", height=2, width=3)
