@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -290,7 +291,10 @@ def finished(slide_20x, tmp_path_factory):
 @pytest.mark.parametrize("setting, difference", [("patching.patch_size=256", "patch_size 512 (this run: 256)"),
                                                  ("patching.target_mpp=1.0", "target_mpp 0.5 (this run: 1.0)"),
                                                  ("patching.tissue_threshold=0.5",
-                                                  "tissue_threshold 0.25 (this run: 0.5)")])
+                                                  "tissue_threshold 0.25 (this run: 0.5)"),
+                                                 ("segment.min_saturation=40",
+                                                  "segment_min_saturation 15 (this run: 40)"),
+                                                 ("segment.method=fixed", "segment_method otsu (this run: fixed)")])
 def test_resume_refuses_patches_made_with_other_settings(finished, tmp_path, setting, difference):
     slides, out = finished
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -303,6 +307,17 @@ def test_resume_refuses_patches_made_with_other_settings(finished, tmp_path, set
     shutil.copytree(out, tmp_path / "out")
     (redone,) = preprocess(slides, tmp_path / "out", setting, "overwrite=true")
     assert redone.status == "ok"
+
+
+def test_resume_does_not_compare_settings_a_file_does_not_record(finished, tmp_path):
+    """Patches files written before the segmentation settings were recorded resume under any of them."""
+    slides, out = finished
+    shutil.copytree(out, tmp_path / "out")
+    with h5py.File(tmp_path / "out" / "patches" / "a.h5", "a") as f:
+        for key in [k for k in f.attrs if k.startswith("segment_")]:
+            del f.attrs[key]
+    (outcome,) = preprocess(slides, tmp_path / "out", "segment.min_saturation=40")
+    assert outcome.status == "skipped"
 
 
 def test_two_shards_run_one_after_the_other_cover_the_folder(slide_20x, tmp_path, monkeypatch):

@@ -65,9 +65,12 @@ class PreprocessSettings:
         return cls(**made, mpp_override=cfg.slide.mpp, thumbnail_max_px=cfg.qc.thumbnail_max_px)
 
     def recorded(self) -> dict:
-        """The settings a patches file records among its attrs (patch_size, target_mpp, tissue_threshold):
-        a finished file is resumed only if they are this run's."""
-        return asdict(self.patching)
+        """The settings a patches file records among its attrs (patch_size, target_mpp, tissue_threshold and the
+        segmentation's, as segment_<key>): a finished file is resumed only if they are this run's."""
+        return {**asdict(self.patching), **self.segment_attrs()}
+
+    def segment_attrs(self) -> dict:
+        return {f"segment_{key}": value for key, value in asdict(self.segment).items()}
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ def segment_step(slide: Slide, plan: ReadPlan, settings: PreprocessSettings) -> 
 def patch_step(slide: Slide, plan: ReadPlan, seg: Segmentation, settings: PreprocessSettings) -> PatchGrid:
     threshold = settings.patching.tissue_threshold
     grid = patch_grid(slide.slide_id, seg.mask, seg.scale, slide.dimensions, slide.mpp, plan, threshold)
+    grid.attrs.update(settings.segment_attrs())  # the mask the cells were kept by: compared when a run resumes
     if len(grid) == 0:
         raise SlideError(
             f"{slide.path}: {seg.tissue_mm2:.3g} mm² of tissue but no lattice cell is at least {threshold:.0%} "

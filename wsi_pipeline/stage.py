@@ -100,7 +100,8 @@ def check_resumable(folder: Path, slide_ids: Iterable[str], output_of: Callable[
     """Raise ConfigError if finished outputs of `slide_ids` (which a resumed run skips) have attrs other than
     `wanted(slide_id)`, this run's: one folder holds one kind of `kind` (e.g. "feature files").
 
-    Outputs that cannot be read are left to `run_per_slide`, which redoes them.
+    Outputs that cannot be read are left to `run_per_slide`, which redoes them. An attr a file does not record (a
+    file written before that setting was recorded) is not compared.
     """
     differences: Counter[tuple[str, str, str]] = Counter()  # (attr, file's value, this run's) -> files
     n_finished = n_different = 0
@@ -109,8 +110,8 @@ def check_resumable(folder: Path, slide_ids: Iterable[str], output_of: Callable[
             have = read_attrs(output_of(slide_id))
         except FormatError:  # no file, or an unreadable one
             continue
-        differ = [(key, shown(have.get(key, "(missing)")), shown(value)) for key, value in wanted(slide_id).items()
-                  if not same_attr(have.get(key), value)]
+        differ = [(key, shown(have[key]), shown(value)) for key, value in wanted(slide_id).items()
+                  if key in have and not same_attr(have[key], value)]
         differences.update(differ)
         n_finished, n_different = n_finished + 1, n_different + bool(differ)
     if differences:
