@@ -33,7 +33,8 @@ class FormatError(RuntimeError):
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`, private to this process; rename it to `path` only if the block
     succeeds, its bytes flushed to disk first (a power cut leaves the old file or the new one, not an empty one).
-    Temporary files that killed processes of this host left beside `path` are removed first."""
+    Temporary files that killed processes of this host left in `path`'s folder are removed the first time this
+    process writes there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
@@ -75,14 +76,23 @@ def _fsync(path: Path) -> None:
 _HOST = socket.gethostname().replace("/", "_")
 
 
+_SWEPT: set[Path] = set()  # folders this process has cleared of dead processes' temporary files
+
+
 def _remove_leftovers(path: Path) -> None:
-    """This host's temporary files for `path` whose process is gone (other hosts' may be live: a shared disk)."""
-    prefix = f"{path.name}.{_HOST}-"
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*{TMP_SUFFIX}"):
-        pid = tmp.name[len(prefix):-len(TMP_SUFFIX)].split("-")[0]
+    """This host's temporary files in `path`'s folder whose process is gone (other hosts' may be live: a shared
+    disk). The folder is listed once per process, not per write: a stage writes thousands of files into one folder,
+    and listing it for each would make a run quadratic in its slides."""
+    path.with_name(path.name + TMP_SUFFIX).unlink(missing_ok=True)  # the name used before pids were added
+    folder = path.parent
+    if folder in _SWEPT:
+        return
+    _SWEPT.add(folder)
+    marker = f".{_HOST}-"
+    for tmp in folder.glob(f"*{glob.escape(marker)}*{TMP_SUFFIX}"):
+        pid = tmp.name.rsplit(marker, 1)[1].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
-    path.with_name(path.name + TMP_SUFFIX).unlink(missing_ok=True)  # the name used before pids were added
 
 
 def _alive(pid: int) -> bool:
@@ -205,12 +215,14 @@ class Manifest:
                 self.rows[row["slide_id"]] = row
 
     def record(self, slide_id: str, source: str, status: str, n_patches: int = 0, seconds: float = 0.0,
-               error: str = "") -> None:
+               error: str = "", save: bool = True) -> None:
+        """One slide's row, written to disk at once unless `save=False` (many rows in a row: one `save` after)."""
         if status not in ("ok", "failed", "skipped"):
             raise ValueError(f"status must be ok, failed or skipped, not {status!r}")
         self.rows[slide_id] = dict(slide_id=slide_id, source=str(source), status=status, n_patches=int(n_patches),
                                    seconds=round(float(seconds), 3), error=error)
-        self.save()
+        if save:
+            self.save()
 
     def save(self) -> None:
         frame = pd.DataFrame(list(self.rows.values()), columns=MANIFEST_COLUMNS).sort_values("slide_id")

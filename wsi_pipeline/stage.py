@@ -83,13 +83,13 @@ def check_unique_ids(sources: Sequence[Path]) -> None:
 
 
 # -- resuming only what this run would make -------------------------------------------------------
-def same_attr(have: object, want: object) -> bool:
+def _same_attr(have: object, want: object) -> bool:
     if isinstance(have, (int, float)) and isinstance(want, (int, float)):
         return math.isclose(have, want, rel_tol=1e-9)
     return have == want
 
 
-def shown(value: object) -> str:
+def _shown(value: object) -> str:
     """An attr value for a message; a sha256 is cut to its first 12 digits."""
     text = str(value)
     return f"{text[:12]}..." if len(text) > 20 else text
@@ -110,8 +110,8 @@ def check_resumable(folder: Path, slide_ids: Iterable[str], output_of: Callable[
             have = read_attrs(output_of(slide_id))
         except FormatError:  # no file, or an unreadable one
             continue
-        differ = [(key, shown(have[key]), shown(value)) for key, value in wanted(slide_id).items()
-                  if key in have and not same_attr(have[key], value)]
+        differ = [(key, _shown(have[key]), _shown(value)) for key, value in wanted(slide_id).items()
+                  if key in have and not _same_attr(have[key], value)]
         differences.update(differ)
         n_finished, n_different = n_finished + 1, n_different + bool(differ)
     if differences:
@@ -271,11 +271,12 @@ def run_per_slide(
         rows = None if overwrite else finished_rows(output_of(sid))
         if rows is not None:
             outcome = Outcome(sid, "skipped", rows)
-            manifest.record(sid, source, outcome.status, outcome.n_patches)
+            manifest.record(sid, source, outcome.status, outcome.n_patches, save=False)
             outcomes.append(outcome)
         else:
             todo.append(source)
     if len(outcomes):
+        manifest.save()  # once for every skipped slide: a rewrite per row made a resume quadratic in its slides
         log.info("%d of %d slides already done (skipped; overwrite=true redoes them)", len(outcomes), len(sources))
     if plan is not None:
         plan(todo)
