@@ -118,9 +118,10 @@ def test_scan2d_backward_packed_alone(height, width, groups, dtype):
 
 
 # (batch, d, n, height, width, P, K): states a multiple of 16 and rows of one tile, a multiple of K wide, so the
-# kernels take their uniform-rows form (kU); at 100 columns one channel per warp (K = 4) rather than two (K = 8)
+# kernels take their uniform-rows form (kU); at 100 columns one channel per warp (K = 4) rather than two (K = 8).
+# The backward runs two states per warp at K = 4 with one channel per warp (v17), with 32 states in two blocks too.
 UNIFORM = [(1, 4, 16, 20, 200, 1, 8), (1, 4, 32, 6, 200, 1, 8), (2, 4, 16, 9, 96, 1, 4), (8, 256, 16, 4, 56, 4, 8),
-           (8, 256, 16, 3, 120, 2, 8), (8, 256, 16, 2, 100, 1, 4)]
+           (8, 256, 16, 3, 120, 2, 8), (8, 256, 16, 2, 100, 1, 4), (1, 4, 32, 7, 100, 1, 4)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -128,8 +129,9 @@ UNIFORM = [(1, 4, 16, 20, 200, 1, 8), (1, 4, 32, 6, 200, 1, 8), (2, 4, 16, 9, 96
 def test_scan2d_uniform_rows(batch, d, n, height, width, P, K, dtype):
     ext = selective_scan.extension()
     for forward in (True, False):
+        states = 2 if not forward and K == 4 and P == 1 else 1
         plan = ext.scan_plan(batch, d, n, 1, height, width, dtype.itemsize, forward)
-        assert tuple(plan) == (P, K, True), f"forward={forward}: plan {plan}"
+        assert tuple(plan) == (P, K, True, states), f"forward={forward}: plan {plan}"
     x = make(batch, d, n, height * width, dtype, options=True, seed=height * width + n)
     compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=height, width=width), TOL[dtype])
 

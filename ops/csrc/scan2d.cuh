@@ -27,6 +27,10 @@
 // block has all its warps, both kernels take a form without the per-step branches for the other cases.
 // Whole-sector atomics (v16): there, at K = 8 and one channel per warp, lane pairs trade halves of their dB and dC
 // values before the 16-byte atomics, so that each atomic instruction of a warp adds whole 32-byte sectors.
+// v17: the backward's uniform rows of K = 4 with one channel per warp run S = 2 states per warp (8 warps, two blocks
+// per SM): the warp's two states share the staged loads and sum their du, d delta shares before the shared-memory
+// partials, and their warp scans run in step. The staging asks L2 for the next window's inputs; at K = 8 with one
+// channel per warp, phase A keeps h of the row above in registers.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -59,7 +63,8 @@ __device__ __forceinline__ int2 split_step(int s, int nt) {
 // 16-byte accesses by lanes (K values each) nor 4-byte accesses by consecutive threads conflict on banks.
 __device__ __forceinline__ int padded(int col) { return col + ((col >> 5) << 2); }
 
-// Per-warp view of one (channel, state) problem.
+// Per-warp view of one (channel, state) problem. With S states per warp (v17) it is the view of the warp's first
+// state n; state n + q is q rows further in B and C (and dB, dC), at A[d, n + q] and cn + q in the scratch.
 template <typename T>
 struct Channel {
   int c, b, d, n, W, H, ntiles, seg;  // seg: the lane's segment (channel blockIdx.x * P + seg)
@@ -69,12 +74,12 @@ struct Channel {
   float a2, bias;  // A * log2(e) (dA = exp2(delta * a2)), delta_bias[d]
   long cn;         // (c, n) index into per-state scratch
 
-  __device__ Channel(const Params& p, int tile, int P) {
+  __device__ Channel(const Params& p, int tile, int P, int S = 1) {
     seg = (threadIdx.x & 31) / (32 / P);
     c = blockIdx.x * P + seg;
     b = c / p.dim;
     d = c - b * p.dim;
-    n = blockIdx.y * kWarpsPerBlock + (threadIdx.x >> 5);
+    n = blockIdx.y * kWarpsPerBlock + (threadIdx.x >> 5) * S;
     active = n < p.dstate;
     if (!active) n = 0;
     W = p.width;
@@ -94,9 +99,9 @@ struct Channel {
 };
 
 // Shared memory of a block: NSTAGE staged per-position arrays, each for the 2 kWindow steps of two windows, and
-// NPART per-warp partial sums for the kWindow steps of one, all rows of 32*K columns (padded against bank
+// NPART per-warp partial sums (NW warps) for the kWindow steps of one, all rows of 32*K columns (padded against bank
 // conflicts). Both are indexed by the step s: its slots are s mod 2 kWindow and s mod kWindow.
-template <int K, int NSTAGE, int NPART>
+template <int K, int NSTAGE, int NPART, int NW = kWarpsPerBlock>
 struct Smem {
   static constexpr int kRow = 36 * K;
   float* base;
@@ -105,18 +110,18 @@ struct Smem {
     return base[(a * kStaged + (s & (kStaged - 1))) * kRow + padded(col)];
   }
   __device__ float& part(int a, int s, int warp, int col) const {
-    return base[(NSTAGE * kStaged + (a * kWindow + (s & (kWindow - 1))) * kWarpsPerBlock + warp) * kRow + padded(col)];
+    return base[(NSTAGE * kStaged + (a * kWindow + (s & (kWindow - 1))) * NW + warp) * kRow + padded(col)];
   }
   // The sums over the warps of N = 1 or 4 consecutive columns from col (a multiple of N: 16-byte aligned,
   // unpadded).
-  // kAll: the block has all kWarpsPerBlock warps (then the loop unrolls, with constant offsets).
+  // kAll: the block has all NW warps (then the loop unrolls, with constant offsets).
   template <int N, bool kAll = false>
   __device__ void sum(int a, int s, int col, int nwarps, float (&v)[N]) const {
 #pragma unroll
     for (int q = 0; q < N; ++q) v[q] = 0.f;
     if constexpr (kAll) {
 #pragma unroll
-      for (int w = 0; w < kWarpsPerBlock; ++w) add<N>(a, s, w, col, v);
+      for (int w = 0; w < NW; ++w) add<N>(a, s, w, col, v);
     } else {
       for (int w = 0; w < nwarps; ++w) add<N>(a, s, w, col, v);
     }
@@ -131,7 +136,7 @@ struct Smem {
     }
   }
   __host__ __device__ static constexpr size_t bytes() {
-    return sizeof(float) * kRow * (NSTAGE * kStaged + NPART * kWindow * kWarpsPerBlock);
+    return sizeof(float) * kRow * (NSTAGE * kStaged + NPART * kWindow * NW);
   }
 };
 
@@ -152,6 +157,33 @@ enum class Staged { kForward, kRecompute, kAdjoint };
 template <Staged kKind>
 constexpr int n_staged() { return kKind == Staged::kRecompute ? 2 : kKind == Staged::kForward ? 3 : 4; }
 
+// Asks L2 for the inputs the staging of the window from s0 will read (v17): issued by the staging of the window
+// before, so that those loads find L2 rather than DRAM a window's steps later. One prefetch per 32-byte sector.
+// Measured with kernel_ab, bf16 backward (with v17's h row in registers below):
+// 1x256x200x200 1.334 -> 1.257 ms, 16x256x160x160 15.41 -> 14.46, 64x192x56x56 4.74 -> 4.50; not below K = 4,
+// where it slowed the forward at 14x14 by 7%.
+template <typename T, int K, int P, Staged kKind, class Where>
+__device__ __forceinline__ void prefetch_window(const Params& p, const Channel<T>& ch, int s0, Where where) {
+  constexpr int TILE = 32 * K, SEGT = TILE / P, C = 32 / sizeof(T);  // C columns of T per sector
+  for (int idx = threadIdx.x * C; idx < kWindow * TILE; idx += blockDim.x * C) {
+    const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT;
+    int i, t;
+    where(s0 + slot, i, t);
+    const int j = t * SEGT + col - seg * SEGT;
+    if (i < 0 || j >= ch.W) continue;
+    const long l = (long)i * ch.W + j + (seg - ch.seg) * ch.L, m = (long)ch.c * ch.L + l;
+    auto l2 = [](const void* a) { asm volatile("prefetch.global.L2 [%0];" ::"l"(a)); };
+    l2(ch.delta + l);
+    l2(ch.u + l);
+    if (kKind != Staged::kRecompute && p.z) l2(static_cast<const T*>(p.z) + m);
+    if (kKind == Staged::kAdjoint) {
+      l2(static_cast<const T*>(p.dout) + m);
+      if (p.z)
+        for (int o = 0; o < C; o += 8) l2(p.ypre + m + o);
+    }
+  }
+}
+
 // Stages the kWindow steps from s0; where(s, i, t) gives step s's row and tile (i < 0: past the end). Called by
 // the whole block. With P channels per warp, shared column col belongs to segment col / (TILE / P) (the channel
 // blockIdx.x * P + segment; the P channels are consecutive within one batch).
@@ -161,6 +193,7 @@ __device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& 
   constexpr int TILE = 32 * K, SEGT = TILE / P;
   const T* __restrict__ dout = static_cast<const T*>(p.dout);
   const T* __restrict__ z = static_cast<const T*>(p.z);
+  if constexpr (K >= 4) prefetch_window<T, K, P, kKind>(p, ch, s0 + kWindow, where);
   for (int idx = threadIdx.x; idx < kWindow * TILE; idx += blockDim.x) {
     const int slot = idx / TILE, col = idx - slot * TILE, seg = col / SEGT, ds = seg - ch.seg, s = s0 + slot;
     int i, t;
@@ -230,44 +263,62 @@ __device__ __forceinline__ void drain_window(int s0, int count, int W, Where whe
   }
 }
 
-// Inclusive warp scan of the affine maps x -> a x + b (left to right); returns the lane's incoming value given
-// the value `carry` entering the tile, and sets `carry` to the value leaving the tile.
+// Inclusive warp scans of the affine maps x -> a x + b (left to right), S independent ones in step (v17: the S
+// states of a warp, so that their shuffles' latencies overlap); sets in[q] to the lane's incoming value given the
+// value carry[q] entering the tile, and carry[q] to the value leaving the tile.
 // Segmented by SEG lanes (32 / P): each segment scans on its own.
+template <int SEG, int S>
+__device__ __forceinline__ void warp_scans_in(float (&a)[S], float (&b)[S], float (&carry)[S], float (&in)[S]) {
+  const int lane = threadIdx.x & (SEG - 1);
+#pragma unroll
+  for (int off = 1; off < SEG; off <<= 1) {
+#pragma unroll
+    for (int q = 0; q < S; ++q) {
+      const float pa = __shfl_up_sync(kFull, a[q], off, SEG), pb = __shfl_up_sync(kFull, b[q], off, SEG);
+      if (lane >= off) {
+        b[q] = a[q] * pb + b[q];
+        a[q] = a[q] * pa;
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < S; ++q) {
+    float ea = __shfl_up_sync(kFull, a[q], 1, SEG), eb = __shfl_up_sync(kFull, b[q], 1, SEG);
+    if (lane == 0) ea = 1.f, eb = 0.f;
+    in[q] = ea * carry[q] + eb;
+    carry[q] = __shfl_sync(kFull, a[q], SEG - 1, SEG) * carry[q] + __shfl_sync(kFull, b[q], SEG - 1, SEG);
+  }
+}
 template <int SEG = 32>
 __device__ __forceinline__ float warp_scan_in(float a, float b, float& carry) {
-  const int lane = threadIdx.x & (SEG - 1);
-#pragma unroll
-  for (int off = 1; off < SEG; off <<= 1) {
-    const float pa = __shfl_up_sync(kFull, a, off, SEG), pb = __shfl_up_sync(kFull, b, off, SEG);
-    if (lane >= off) {
-      b = a * pb + b;
-      a = a * pa;
-    }
-  }
-  float ea = __shfl_up_sync(kFull, a, 1, SEG), eb = __shfl_up_sync(kFull, b, 1, SEG);
-  if (lane == 0) ea = 1.f, eb = 0.f;
-  const float in = ea * carry + eb;
-  carry = __shfl_sync(kFull, a, SEG - 1, SEG) * carry + __shfl_sync(kFull, b, SEG - 1, SEG);
-  return in;
+  float as[1] = {a}, bs[1] = {b}, cs[1] = {carry}, in[1];
+  warp_scans_in<SEG, 1>(as, bs, cs, in);
+  carry = cs[0];
+  return in[0];
 }
 
-// The mirror image (right to left): x_lane = b + a * x_{lane+1}; returns the lane's incoming value from the right.
-template <int SEG = 32>
-__device__ __forceinline__ float warp_scan_rev_in(float a, float b, float& carry) {
+// The mirror image (right to left): x_lane = b + a * x_{lane+1}; in[q] is the lane's incoming value from the right.
+template <int SEG, int S>
+__device__ __forceinline__ void warp_scans_rev_in(float (&a)[S], float (&b)[S], float (&carry)[S], float (&in)[S]) {
   const int lane = threadIdx.x & (SEG - 1);
 #pragma unroll
   for (int off = 1; off < SEG; off <<= 1) {
-    const float na = __shfl_down_sync(kFull, a, off, SEG), nb = __shfl_down_sync(kFull, b, off, SEG);
-    if (lane + off < SEG) {
-      b = b + a * nb;
-      a = a * na;
+#pragma unroll
+    for (int q = 0; q < S; ++q) {
+      const float na = __shfl_down_sync(kFull, a[q], off, SEG), nb = __shfl_down_sync(kFull, b[q], off, SEG);
+      if (lane + off < SEG) {
+        b[q] = b[q] + a[q] * nb;
+        a[q] = a[q] * na;
+      }
     }
   }
-  float xa = __shfl_down_sync(kFull, a, 1, SEG), xb = __shfl_down_sync(kFull, b, 1, SEG);
-  if (lane == SEG - 1) xa = 1.f, xb = 0.f;
-  const float in = xb + xa * carry;
-  carry = __shfl_sync(kFull, b, 0, SEG) + __shfl_sync(kFull, a, 0, SEG) * carry;
-  return in;
+#pragma unroll
+  for (int q = 0; q < S; ++q) {
+    float xa = __shfl_down_sync(kFull, a[q], 1, SEG), xb = __shfl_down_sync(kFull, b[q], 1, SEG);
+    if (lane == SEG - 1) xa = 1.f, xb = 0.f;
+    in[q] = xb + xa * carry[q];
+    carry[q] = __shfl_sync(kFull, b[q], 0, SEG) + __shfl_sync(kFull, a[q], 0, SEG) * carry[q];
+  }
 }
 
 // Adds vals to out[l0 .. l0+K) (K consecutive columns, the first `valid` of them inside the row), with 16-byte
@@ -430,19 +481,15 @@ __host__ __device__ constexpr int wide_bytes() { return K * sizeof(T) >= 16 ? 16
 template <typename T, int K>
 __device__ __forceinline__ bool wide_ok(int width) { return (width * (int)sizeof(T)) % wide_bytes<T, K>() == 0; }
 
-// dA = exp(delta A) and dBu = delta u B for the lane's K columns of a staged step, B from load_b(bu) (zero past
-// the row's end), and the lane's composed map x -> a x + b over them, returned as (a, b).
-template <typename T, int K, class S, class LoadB>
-__device__ __forceinline__ float2 discretise(const S& sm, int s, const Channel<T>& ch, LoadB load_b, float (&dA)[K],
+// dA = exp(delta A) and dBu = delta u B for the lane's K columns of one state, given the staged delta and u and B
+// in bu (zero past the row's end), and the lane's composed map x -> a x + b over them, returned as (a, b).
+template <int K>
+__device__ __forceinline__ float2 discretise(const float (&dt)[K], const float (&uu)[K], float a2, float (&dA)[K],
                                              float (&bu)[K]) {
-  const int lane = threadIdx.x & 31;
-  float dt[K], uu[K], a = 1.f, b = 0.f;
-  lds<K>(sm.stage_ptr(0, s, lane * K), dt);
-  lds<K>(sm.stage_ptr(1, s, lane * K), uu);
-  load_b(bu);
+  float a = 1.f, b = 0.f;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    dA[k] = exp2f(dt[k] * ch.a2);
+    dA[k] = exp2f(dt[k] * a2);
     bu[k] *= dt[k] * uu[k];
     b = dA[k] * b + bu[k];
     a *= dA[k];
@@ -515,11 +562,12 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
     const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
     const int valid = active ? W - j0 : 0;
     if (t == 0) gc = 0.f;
-    float dA[K], bu[K], cc[K];
+    float dt[K], uu[K], dA[K], bu[K], cc[K];
     ldg<T, K, true, kU>(ch.C + i * W, j0, valid, vec, cc);
-    const float2 ab = discretise<T, K>(sm, s, ch, [&](float (&b)[K]) {
-      ldg<T, K, true, kU>(ch.B + i * W, j0, valid, vec, b);
-    }, dA, bu);
+    lds<K>(sm.stage_ptr(0, s, lane * K), dt);
+    lds<K>(sm.stage_ptr(1, s, lane * K), uu);
+    ldg<T, K, true, kU>(ch.B + i * W, j0, valid, vec, bu);
+    const float2 ab = discretise<K>(dt, uu, ch.a2, dA, bu);
     float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
     if (nt > 1) {
       if (i > 0) ldg<float, K, false>(carry, j0, valid, vecf, hv);
@@ -566,15 +614,17 @@ __device__ __forceinline__ void finish_backward(const Params& p, int d, long l, 
 // kU (uniform rows, scan_params.h's `uniform_rows`): every row is one tile and a multiple of K wide, the wide loads
 // suit it, all kWarpsPerBlock warps are active and lane_carries is set, so the per-step branches on these (scalar
 // loads, tile carries in global memory, idle warps) compile out of the step.
-template <typename T, int K, int P, bool kU>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bwd_kernel(Params p) {
+template <typename T, int K, int P, bool kU, int S>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2d_bwd_kernel(Params p) {
   constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
+  constexpr int NW = kWarpsPerBlock / S;
   extern __shared__ float smem[];
-  using Shared = Smem<K, n_staged<Staged::kAdjoint>(), 2>;  // partials: du, ddelta
+  using Shared = Smem<K, n_staged<Staged::kAdjoint>(), 2, NW>;  // partials: du, ddelta
   const Shared sm{smem};
-  const Channel<T> ch(p, SEGT, P);
+  const Channel<T> ch(p, SEGT, P, S);
   const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = kU ? 1 : ch.ntiles;
+  const long L = ch.L;
   const bool vec4 = kU || W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
   const bool vec = kU || wide_ok<T, K>(W), vecf = kU || wide_ok<float, K>(W);
   const bool active = kU || ch.active, lane_carries = kU || p.lane_carries;
@@ -583,37 +633,47 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
   float accD[P], accB[P];  // this thread's shares of dD and d delta_bias, per segment
 #pragma unroll
   for (int q = 0; q < P; ++q) accD[q] = accB[q] = 0.f;
-  const float* ckpt = p.ckpt + ch.cn * (p.n_strips - 1) * W;
-  float* hbuf = p.hbuf + ch.cn * (p.strip - 1) * W;
-  float* gbuf = p.gbuf + ch.cn * p.strip * nt;
+  // per-state scratch, of the warp's first state (state q: q rows of each further)
+  const long ckpt_rows = (long)(p.n_strips - 1) * W, hbuf_rows = (long)(p.strip - 1) * W, gbuf_rows = p.strip * nt;
+  const float* ckpt = p.ckpt + ch.cn * ckpt_rows;
+  float* hbuf = p.hbuf + ch.cn * hbuf_rows;
+  float* gbuf = p.gbuf + ch.cn * gbuf_rows;
   // v10: with lane_carries, g[i, j0 - 1] (the horizontal state entering each lane's columns) of every step of the
   // strip, behind the window buffers: written by phase A, read by the same lane in phase B (no barrier needed)
-  float* glane = smem + Shared::bytes() / sizeof(float) + warp * kStrip * nt * 32 + lane;
+  constexpr int kGlane = kStrip * 32;  // per state and tile
+  float* glane = smem + Shared::bytes() / sizeof(float) + warp * S * kGlane * nt + lane;
   float* lcarry = p.carry + ch.cn * W;
   float* dB = p.dB + (ch.B - (const T*)p.B);
   float* dC = p.dC + (ch.C - (const T*)p.C);
-  const float A = ch.a2 / kLog2e;
-  float dA_sum = 0.f;
-  float lv[K];  // dA[i+1,j] lh[i+1,j]: the vertical adjoint entering row i
+  float a2[S], Aq[S], dA_sum[S];  // A[d, n + q] * log2(e), A[d, n + q]
+  float lv[S][K];  // dA[i+1,j] lh[i+1,j]: the vertical adjoint entering row i
 #pragma unroll
-  for (int k = 0; k < K; ++k) lv[k] = 0.f;
+  for (int q = 0; q < S; ++q) {
+    a2[q] = q == 0 ? ch.a2 : p.A[ch.d * p.dstate + ch.n + q] * kLog2e;
+    Aq[q] = a2[q] / kLog2e;
+    dA_sum[q] = 0.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) lv[q][k] = 0.f;
+  }
   for (int strip = p.n_strips - 1; strip >= 0; --strip) {
     const int r0 = strip * p.strip, r1 = min(H, r0 + p.strip) - 1;
-    auto h_above = [&](int i, int j0, int valid, float (&hp)[K]) {  // h[i-1, j0..j0+K) for r0 <= i <= r1
+    auto h_above = [&](int q, int i, int j0, int valid, float (&hp)[K]) {  // h[i-1, j0..j0+K) for r0 <= i <= r1
       if constexpr (kU) {  // one load from the strip's scratch or the checkpoint (a select, not a branch)
-        const float* src = i > r0 ? hbuf + (i - r0 - 1) * W : ckpt + (strip - 1) * W;
+        const float* src = i > r0 ? hbuf + q * hbuf_rows + (i - r0 - 1) * W : ckpt + q * ckpt_rows + (strip - 1) * W;
         if (i > 0) ldg<float, K, false, kU>(src, j0, valid, vecf, hp);
         else for (int k = 0; k < K; ++k) hp[k] = 0.f;
       } else {
-        if (i > r0) ldg<float, K, false>(hbuf + (i - r0 - 1) * W, j0, valid, vecf, hp);
-        else if (strip > 0) ldg<float, K>(ckpt + (strip - 1) * W, j0, valid, vecf, hp);
+        if (i > r0) ldg<float, K, false>(hbuf + q * hbuf_rows + (i - r0 - 1) * W, j0, valid, vecf, hp);
+        else if (strip > 0) ldg<float, K>(ckpt + q * ckpt_rows + (strip - 1) * W, j0, valid, vecf, hp);
         else for (int k = 0; k < K; ++k) hp[k] = 0.f;
       }
     };
     // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and the horizontal carries: every
     // lane's incoming g (lane_carries) or every tile's, the last row's too when phase B needs them.
     {
-      float gc = 0.f;
+      float gc[S];
+#pragma unroll
+      for (int q = 0; q < S; ++q) gc[q] = 0.f;
       const int nsteps = (r1 - r0) * nt + (lane_carries || nt > 1 ? nt : 0);
       auto where = [&](int s) {
         const int2 it = split_step(s, nt);
@@ -626,40 +686,60 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           t = it.y;
         }, accD);
       };
-      Ahead<T, K, P, kU> aheadB;  // B of the next step
+      Ahead<T, K, P, kU> aheadB[S];  // B of the next step
+      // v17: at K = 8 with one channel per warp, h of a row stays in registers for the next row instead of being
+      // read back from hbuf (kernel_ab, bf16 backward, with the prefetch above: 1x256x200x200 1.316 -> 1.257 ms,
+      // 16x256x160x160 15.47 -> 14.46; at K = 4 with P = 2 slower, 64x192x56x56 4.50 -> 4.89)
+      constexpr bool kHrow = kU && K == 8 && P == 1;
+      float hrow[S][K];  // h of the row above, then of this row
       auto fetch = [&](int s) {
         const int2 it = where(s);
         const int j0 = it.y * SEGT + slane * K;
-        aheadB.fetch(ch.B + it.x * W, j0, active ? W - j0 : 0, vec);
+#pragma unroll
+        for (int q = 0; q < S; ++q) aheadB[q].fetch(ch.B + q * L + it.x * W, j0, active ? W - j0 : 0, vec);
       };
       fetch(0);
       auto step = [&](int s) {
         const int2 it = where(s);
         const int i = it.x, t = it.y, j0 = t * SEGT + slane * K, valid = active ? W - j0 : 0;
-        if (t == 0) gc = 0.f;
-        if (!lane_carries && slane == 0 && active) gbuf[(i - r0) * nt + t] = gc;
-        float dA[K], bu[K];
-        const float2 ab = discretise<T, K>(sm, s, ch, [&](float (&b)[K]) {
-          aheadB.get(ch.B + i * W, j0, valid, vec, b);
-          if (s + 1 < nsteps) fetch(s + 1);
-        }, dA, bu);
-        float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
-        if (lane_carries) glane[((i - r0) * nt + t) * 32] = g;
-        if (i == r1) return;  // the last row needs only its carries
-        float hp[K];
-        h_above(i, j0, valid, hp);
+        float dt[K], uu[K], dA[S][K], bu[S][K], g[S];
+        lds<K>(sm.stage_ptr(0, s, lane * K), dt);
+        lds<K>(sm.stage_ptr(1, s, lane * K), uu);
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          g = dA[k] * g + bu[k];
-          hp[k] = dA[k] * hp[k] + g;
+        for (int q = 0; q < S; ++q) {
+          if (t == 0) gc[q] = 0.f;
+          if (!lane_carries && slane == 0 && active) gbuf[q * gbuf_rows + (i - r0) * nt + t] = gc[q];
+          aheadB[q].get(ch.B + q * L + i * W, j0, valid, vec, bu[q]);
         }
-        stg<K, kU>(hbuf + (i - r0) * W + j0, valid, vecf, hp);
+        if (s + 1 < nsteps) fetch(s + 1);
+        float ma[S], mb[S];  // the lane's composed maps
+#pragma unroll
+        for (int q = 0; q < S; ++q) {
+          const float2 ab = discretise<K>(dt, uu, a2[q], dA[q], bu[q]);
+          ma[q] = ab.x, mb[q] = ab.y;
+        }
+        warp_scans_in<SEG, S>(ma, mb, gc, g);
+#pragma unroll
+        for (int q = 0; q < S; ++q)
+          if (lane_carries) glane[q * kGlane * nt + ((i - r0) * nt + t) * 32] = g[q];
+        if (i == r1) return;  // the last row needs only its carries
+#pragma unroll
+        for (int q = 0; q < S; ++q) {
+          // h of the row above: in kHrow kernels the previous step's, whose lane had the same columns
+          if (!kHrow || i == r0) h_above(q, i, j0, valid, hrow[q]);
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            g[q] = dA[q][k] * g[q] + bu[q][k];
+            hrow[q][k] = dA[q][k] * hrow[q][k] + g[q];
+          }
+          stg<K, kU>(hbuf + q * hbuf_rows + (i - r0) * W + j0, valid, vecf, hrow[q]);
+        }
       };
       windows(nsteps, stage, step, [](int, int) {});
     }
     // Phase B: the adjoint sweep over the strip, bottom-up, right to left.
     {
-      float lgc = 0.f, dA_right = 0.f;  // lg and dA at the first column of the tile to the right
+      float lgc[S], dA_right[S];  // lg and dA at the first column of the tile to the right
       const int nsteps = (r1 - r0 + 1) * nt;
       auto where = [&](int s) {
         const int2 it = split_step(s, nt);
@@ -688,113 +768,138 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
           }
         });
       };
-      Ahead<T, K, P, kU> aheadB, aheadC;  // B, C of the next step
+      Ahead<T, K, P, kU> aheadB[S], aheadC[S];  // B, C of the next step
       auto fetch = [&](int s) {
         const int2 it = where(s);
         const int j0 = it.y * SEGT + slane * K, valid = active ? W - j0 : 0;
-        aheadB.fetch(ch.B + it.x * W, j0, valid, vec);
-        aheadC.fetch(ch.C + it.x * W, j0, valid, vec);
+#pragma unroll
+        for (int q = 0; q < S; ++q) {
+          aheadB[q].fetch(ch.B + q * L + it.x * W, j0, valid, vec);
+          aheadC[q].fetch(ch.C + q * L + it.x * W, j0, valid, vec);
+        }
       };
       fetch(0);
       auto step = [&](int s) {
         const int2 it = where(s);
         const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
-        if (t == nt - 1) lgc = 0.f, dA_right = 0.f;
-        float dt[K], uu[K], bb[K], dA[K], lh[K], hp[K], dyk[K];
         const int valid = active ? W - j0 : 0;
-        if (nt > 1) {
-          if (i + 1 < H) ldg<float, K, false>(lcarry, j0, valid, vecf, lv);
-          else for (int k = 0; k < K; ++k) lv[k] = 0.f;
+        float dt[K], uu[K], dyk[K], bb[S][K], lh[S][K], hp[S][K], pdu[K], pdd[K];
+#pragma unroll
+        for (int q = 0; q < S; ++q) {
+          if (t == nt - 1) lgc[q] = 0.f, dA_right[q] = 0.f;
+          if (nt > 1) {
+            if (i + 1 < H) ldg<float, K, false>(lcarry + q * W, j0, valid, vecf, lv[q]);
+            else for (int k = 0; k < K; ++k) lv[q][k] = 0.f;
+          }
         }
         lds<K>(sm.stage_ptr(0, s, lane * K), dt);
         lds<K>(sm.stage_ptr(1, s, lane * K), uu);
         lds<K>(sm.stage_ptr(2, s, lane * K), dyk);
-        aheadB.get(ch.B + i * W, j0, valid, vec, bb);
-        aheadC.get(ch.C + i * W, j0, valid, vec, lh);
+#pragma unroll
+        for (int q = 0; q < S; ++q) {
+          aheadB[q].get(ch.B + q * L + i * W, j0, valid, vec, bb[q]);
+          aheadC[q].get(ch.C + q * L + i * W, j0, valid, vec, lh[q]);
+        }
         if (s + 1 < nsteps) fetch(s + 1);
-        h_above(i, j0, valid, hp);
-        // (dy is staged as zero past the row's end and C, lv load as zero there: lh is zero there too)
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          dA[k] = exp2f(dt[k] * ch.a2);
-          lh[k] = dyk[k] * lh[k] + lv[k];
-        }
-        // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1].
-        const float dA_next_lane = __shfl_down_sync(kFull, dA[0], 1, SEG);
-        const float m_last = slane == SEG - 1 ? dA_right : dA_next_lane;
-        float ra = 1.f, rb = 0.f;
+        for (int q = 0; q < S; ++q) h_above(q, i, j0, valid, hp[q]);
 #pragma unroll
-        for (int k = K - 1; k >= 0; --k) {
-          const float m = k == K - 1 ? m_last : dA[k + 1];
-          rb = lh[k] + m * rb;
-          ra *= m;
-        }
-        float lg_in = warp_scan_rev_in<SEG>(ra, rb, lgc);
-        dA_right = __shfl_sync(kFull, dA[0], 0, SEG);
-        float lg[K];
+        // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1], the S states' warp scans in step.
+        float dA[S][K], m_last[S], ra[S], rb[S], lg_in[S];
 #pragma unroll
-        for (int k = K - 1; k >= 0; --k) {
-          const float m = k == K - 1 ? m_last : dA[k + 1];
-          lg_in = lh[k] + m * lg_in;
-          lg[k] = lg_in;
-        }
-        // g[i, j0 - 1] from phase A (or the horizontal scan again); then all the gradients of this position.
-        float gp;
-        if (lane_carries) {
-          gp = glane[((i - r0) * nt + t) * 32];
-        } else {
-          float a = 1.f, b = 0.f;
+        for (int q = 0; q < S; ++q) {
+          // (dy is staged as zero past the row's end and C, lv load as zero there: lh is zero there too)
 #pragma unroll
           for (int k = 0; k < K; ++k) {
-            b = dA[k] * b + dt[k] * uu[k] * bb[k];
-            a *= dA[k];
+            dA[q][k] = exp2f(dt[k] * a2[q]);
+            lh[q][k] = dyk[k] * lh[q][k] + lv[q][k];
           }
-          float gcarry = (nt > 1 && t > 0) ? gbuf[(i - r0) * nt + t] : 0.f;
-          gp = warp_scan_in<SEG>(a, b, gcarry);
-        }
-        float vB[K], vC[K], pdu[K], pdd[K];
+          const float dA_next_lane = __shfl_down_sync(kFull, dA[q][0], 1, SEG);
+          m_last[q] = slane == SEG - 1 ? dA_right[q] : dA_next_lane;
+          ra[q] = 1.f, rb[q] = 0.f;
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          const float g = dA[k] * gp + dt[k] * uu[k] * bb[k];
-          const float ddA = lg[k] * gp + lh[k] * hp[k];  // lg, lh, dy are zero past the row's end
-          gp = g;
-          pdd[k] = ddA * dA[k] * A + lg[k] * bb[k] * uu[k];
-          pdu[k] = lg[k] * bb[k] * dt[k];
-          vB[k] = lg[k] * dt[k] * uu[k];
-          vC[k] = dyk[k] * (dA[k] * hp[k] + g);
-          dA_sum += ddA * dA[k] * dt[k];
-          lv[k] = dA[k] * lh[k];
+          for (int k = K - 1; k >= 0; --k) {
+            const float m = k == K - 1 ? m_last[q] : dA[q][k + 1];
+            rb[q] = lh[q][k] + m * rb[q];
+            ra[q] *= m;
+          }
         }
-        sts<K>(&sm.part(0, s, warp, lane * K), pdu);
-        sts<K>(&sm.part(1, s, warp, lane * K), pdd);
-        if (nt > 1 && i > 0) stg<K>(lcarry + j0, valid, vecf, lv);
+        warp_scans_rev_in<SEG, S>(ra, rb, lgc, lg_in);
 #pragma unroll
-        for (int off = SEG; off < 32; off <<= 1) {  // the P channels share B, C: sum them before the atomics
+        for (int q = 0; q < S; ++q) {
+          dA_right[q] = __shfl_sync(kFull, dA[q][0], 0, SEG);
+          float lg[K];
+#pragma unroll
+          for (int k = K - 1; k >= 0; --k) {
+            const float m = k == K - 1 ? m_last[q] : dA[q][k + 1];
+            lg_in[q] = lh[q][k] + m * lg_in[q];
+            lg[k] = lg_in[q];
+          }
+          // g[i, j0 - 1] from phase A (or the horizontal scan again); then all the gradients of this position.
+          float gp;
+          if (lane_carries) {
+            gp = glane[q * kGlane * nt + ((i - r0) * nt + t) * 32];
+          } else {
+            float a = 1.f, b = 0.f;
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+              b = dA[q][k] * b + dt[k] * uu[k] * bb[q][k];
+              a *= dA[q][k];
+            }
+            float gcarry = (nt > 1 && t > 0) ? gbuf[q * gbuf_rows + (i - r0) * nt + t] : 0.f;
+            gp = warp_scan_in<SEG>(a, b, gcarry);
+          }
+          float vB[K], vC[K];
 #pragma unroll
           for (int k = 0; k < K; ++k) {
-            vB[k] += __shfl_down_sync(kFull, vB[k], off);
-            vC[k] += __shfl_down_sync(kFull, vC[k], off);
+            const float g = dA[q][k] * gp + dt[k] * uu[k] * bb[q][k];
+            const float ddA = lg[k] * gp + lh[q][k] * hp[q][k];  // lg, lh, dy are zero past the row's end
+            gp = g;
+            const float dd = ddA * dA[q][k] * Aq[q] + lg[k] * bb[q][k] * uu[k], du = lg[k] * bb[q][k] * dt[k];
+            pdd[k] = q == 0 ? dd : pdd[k] + dd;  // (the sums over the warp's states)
+            pdu[k] = q == 0 ? du : pdu[k] + du;
+            vB[k] = lg[k] * dt[k] * uu[k];
+            vC[k] = dyk[k] * (dA[q][k] * hp[q][k] + g);
+            dA_sum[q] += ddA * dA[q][k] * dt[k];
+            lv[q][k] = dA[q][k] * lh[q][k];
           }
-        }
-        // v16: whole-sector atomics at K = 8 (200x200 bf16 backward 1.48 -> 1.33 ms). Not in the general kernels (20
-        // more bytes of spills, 132x132 bf16 4.6% slower) nor with packed channels, where only the first segment's
-        // lanes add (64x192x56x56 bf16 2.3% slower).
-        int2 halves = make_int2(0, 4);
-        if constexpr (K == 8 && kU && P == 1) {
-          halves = pair_halves(vB);
-          pair_halves(vC);
-        }
-        if (active && ch.seg == 0) {
-          atomic_add_row<K>(dB, (long)i * W + j0, W - j0, vB, vec4, halves);
-          atomic_add_row<K>(dC, (long)i * W + j0, W - j0, vC, vec4, halves);
+          if (q == S - 1) {  // (before the atomics, which need vB and vC in registers)
+            sts<K>(&sm.part(0, s, warp, lane * K), pdu);
+            sts<K>(&sm.part(1, s, warp, lane * K), pdd);
+          }
+          if (nt > 1 && i > 0) stg<K>(lcarry + q * W + j0, valid, vecf, lv[q]);
+#pragma unroll
+          for (int off = SEG; off < 32; off <<= 1) {  // the P channels share B, C: sum them before the atomics
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+              vB[k] += __shfl_down_sync(kFull, vB[k], off);
+              vC[k] += __shfl_down_sync(kFull, vC[k], off);
+            }
+          }
+          // v16: whole-sector atomics at K = 8 (200x200 bf16 backward 1.48 -> 1.33 ms). Not in the general kernels
+          // (20 more bytes of spills, 132x132 bf16 4.6% slower) nor with packed channels, where only the first
+          // segment's lanes add (64x192x56x56 bf16 2.3% slower).
+          int2 halves = make_int2(0, 4);
+          if constexpr (K == 8 && kU && P == 1) {
+            halves = pair_halves(vB);
+            pair_halves(vC);
+          }
+          if (active && ch.seg == 0) {
+            atomic_add_row<K>(dB + q * L, (long)i * W + j0, W - j0, vB, vec4, halves);
+            atomic_add_row<K>(dC + q * L, (long)i * W + j0, W - j0, vC, vec4, halves);
+          }
         }
       };
       windows(nsteps, stage, step, drain);
     }
   }
 #pragma unroll
-  for (int off = SEG / 2; off > 0; off >>= 1) dA_sum += __shfl_xor_sync(kFull, dA_sum, off);
-  if (slane == 0 && active) atomicAdd(p.dA + ch.d * p.dstate + ch.n, dA_sum);
+  for (int q = 0; q < S; ++q) {
+    float v = dA_sum[q];
+#pragma unroll
+    for (int off = SEG / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+    if (slane == 0 && active) atomicAdd(p.dA + ch.d * p.dstate + ch.n + q, v);
+  }
 #pragma unroll
   for (int q = 0; q < P; ++q) {
     float a = accD[q], b = accB[q];
@@ -811,9 +916,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, K <= 2 ? 2 : 1) scan2d_bw
 }
 
 template <typename Kernel>
-void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, int P) {
+void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, int P, int S) {
   const dim3 grid(p.batch * p.dim / P, (p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const int threads = 32 * (p.dstate < kWarpsPerBlock ? p.dstate : kWarpsPerBlock);
+  const int threads = 32 * (p.dstate < kWarpsPerBlock ? p.dstate : kWarpsPerBlock) / S;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kernel<<<grid, threads, smem, stream>>>(p);
 }
@@ -823,28 +928,35 @@ inline int max_smem_per_block() {
   return bytes;
 }
 
-// The kernel of a plan: kU (uniform rows) only for K >= 4, where the wide loads it assumes exist.
-template <typename T, bool kFwd, int K, int P>
-void launch_one(const Params& p, bool uniform, cudaStream_t stream) {
+// The kernel of a plan with S states per warp: kU (uniform rows) only for K >= 4, where the wide loads it assumes
+// exist, and S = 2 only there.
+template <typename T, bool kFwd, int K, int P, bool kU, int S>
+void launch_s(const Params& p, cudaStream_t stream) {
+  constexpr int NW = kWarpsPerBlock / S;
   if constexpr (kFwd) {
-    const size_t smem = Smem<K, n_staged<Staged::kForward>(), 1>::bytes();
-    if constexpr (K >= 4) {
-      if (uniform) return launch(scan2d_fwd_kernel<T, K, P, true>, p, smem, stream, P);
-    }
-    launch(scan2d_fwd_kernel<T, K, P, false>, p, smem, stream, P);
+    static_assert(S == 1, "the forward takes one state per warp");
+    launch(scan2d_fwd_kernel<T, K, P, kU>, p, Smem<K, n_staged<Staged::kForward>(), 1>::bytes(), stream, P, S);
   } else {
     // the lanes' horizontal carries of a strip in shared memory when they fit (at K = 8: rows of up to 2 tiles)
     Params q = p;
     const int nt = (p.width + 32 * K / P - 1) / (32 * K / P);
     const size_t carries = sizeof(float) * kWarpsPerBlock * kStrip * nt * 32;
-    const size_t base = Smem<K, n_staged<Staged::kAdjoint>(), 2>::bytes();
+    const size_t base = Smem<K, n_staged<Staged::kAdjoint>(), 2, NW>::bytes();
     q.lane_carries = base + carries <= (size_t)max_smem_per_block();
-    const size_t smem = base + (q.lane_carries ? carries : 0);
-    if constexpr (K >= 4) {
-      if (uniform && q.lane_carries) return launch(scan2d_bwd_kernel<T, K, P, true>, q, smem, stream, P);
-    }
-    launch(scan2d_bwd_kernel<T, K, P, false>, q, smem, stream, P);
+    if (kU && !q.lane_carries) return launch_s<T, kFwd, K, P, false, 1>(p, stream);
+    launch(scan2d_bwd_kernel<T, K, P, kU, S>, q, base + (q.lane_carries ? carries : 0), stream, P, S);
   }
+}
+
+template <typename T, bool kFwd, int K, int P>
+void launch_one(const Plan& plan, const Params& p, cudaStream_t stream) {
+  if constexpr (K >= 4) {
+    if constexpr (!kFwd && K == 4 && P == 1) {
+      if (plan.uniform && plan.S == 2) return launch_s<T, kFwd, K, P, true, 2>(p, stream);
+    }
+    if (plan.uniform) return launch_s<T, kFwd, K, P, true, 1>(p, stream);
+  }
+  launch_s<T, kFwd, K, P, false, 1>(p, stream);
 }
 
 template <typename T, bool kFwd>
@@ -853,10 +965,10 @@ void dispatch(const Params& p, cudaStream_t stream) {
   auto with_k = [&](auto packed) {
     constexpr int P = decltype(packed)::value;
     switch (plan.K) {
-      case 1: return launch_one<T, kFwd, 1, P>(p, plan.uniform, stream);
-      case 2: return launch_one<T, kFwd, 2, P>(p, plan.uniform, stream);
-      case 4: return launch_one<T, kFwd, 4, P>(p, plan.uniform, stream);
-      default: return launch_one<T, kFwd, 8, P>(p, plan.uniform, stream);
+      case 1: return launch_one<T, kFwd, 1, P>(plan, p, stream);
+      case 2: return launch_one<T, kFwd, 2, P>(plan, p, stream);
+      case 4: return launch_one<T, kFwd, 4, P>(plan, p, stream);
+      default: return launch_one<T, kFwd, 8, P>(plan, p, stream);
     }
   };
   switch (plan.P) {

@@ -332,8 +332,9 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor gu, torch::Tensor x, torch::Te
 namespace scan {
 
 // The plan the launchers pick for a scan of this shape on the current device: (channels per warp, columns per
-// lane, uniform-rows kernels). For tests and benchmarks, which check that a shape takes the path they mean.
-std::tuple<int64_t, int64_t, bool> plan(int64_t batch, int64_t dim, int64_t dstate, int64_t groups, int64_t height,
+// lane, uniform-rows kernels, states per warp). For tests and benchmarks, which check that a shape takes the path
+// they mean.
+std::tuple<int64_t, int64_t, bool, int64_t> plan(int64_t batch, int64_t dim, int64_t dstate, int64_t groups, int64_t height,
                                         int64_t width, int64_t itemsize, bool forward) {
   SCAN_CHECK(batch >= 1 && dim >= 1 && dstate >= 1 && groups >= 1 && height >= 1 && width >= 1,
              "scan_plan: sizes must be positive, got batch ", batch, ", dim ", dim, ", dstate ", dstate,
@@ -343,13 +344,14 @@ std::tuple<int64_t, int64_t, bool> plan(int64_t batch, int64_t dim, int64_t dsta
   Params p{};
   p.batch = batch, p.dim = dim, p.dstate = dstate, p.groups = groups, p.height = height, p.width = width;
   const Plan q = plan_of(p, forward, itemsize);
-  return {q.P, q.K, q.uniform};
+  return {q.P, q.K, q.uniform, q.S};
 }
 
 }  // namespace scan
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("scan_plan", &scan::plan, "the scan kernels' plan for a shape: (channels per warp, columns per lane, uniform)");
+  m.def("scan_plan", &scan::plan,
+        "the scan kernels' plan for a shape: (channels per warp, columns per lane, uniform, states per warp)");
   m.def("scan2d_fwd", &scan2d_fwd, "2D selective scan, forward (out, ypre when z is given, strip checkpoints)");
   m.def("scan2d_bwd", &scan2d_bwd, "2D selective scan, backward (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)");
   m.def("m2d_fwd", &m2d::forward, "Mamba2D wavefront scan, forward");

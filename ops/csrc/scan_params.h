@@ -49,6 +49,7 @@ inline int device_attribute(cudaDeviceAttr attr) {
 struct Plan {
   int P, K;
   bool uniform;
+  int S;  // states per warp (v17)
 };
 
 // kU (v15) applies when every row is one tile of 32 K / P columns and a multiple of K wide, the rows suit the wide
@@ -84,10 +85,16 @@ inline Plan plan_of(const Params& p, bool fwd, int elem) {
   int P = 1;
   if (p.width <= 64 && four && per_group % 4 == 0 && enough(4)) P = 4;
   else if (p.width <= 128 && per_group % 2 == 0 && enough(2)) P = 2;
-  Plan plan{P, cols_per_lane(P * p.width), false};
+  Plan plan{P, cols_per_lane(P * p.width), false, 1};
   plan.uniform = uniform_rows(p, P, plan.K, elem);
   if (P > 1 && !plan.uniform && uniform_rows(p, 1, cols_per_lane(p.width), elem))
-    plan = Plan{1, cols_per_lane(p.width), true};
+    plan = Plan{1, cols_per_lane(p.width), true, 1};
+  // v17: the backward's uniform rows of K = 4 with one channel per warp take two states per warp (8 warps of up to
+  // 128 registers: two blocks per SM). kernel_ab, bf16 backward: 1x256x100x100 0.448 -> 0.345 ms, 16x256x100x100
+  // 6.67 -> 4.76, 2x256x124x124 1.12 -> 0.83; fp32 1x256x100x100 0.479 -> 0.349. Slower elsewhere: at K = 8 (one
+  // block of 8 warps at ~230 registers) 1x256x200x200 1.33 -> 1.66 ms, 64x192x56x56 (K = 4, P = 2) 4.69 -> 5.90,
+  // and in the forward (100x100 0.116 -> 0.127).
+  if (plan.uniform && !fwd && plan.K == 4 && plan.P == 1) plan.S = 2;
   return plan;
 }
 
