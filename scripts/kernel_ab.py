@@ -33,6 +33,7 @@ extern "C" {{
 void ab_fwd(const scan::Params* p, cudaStream_t s) {{ scan::scan2d_fwd_{suffix}(*p, s); }}
 void ab_bwd(const scan::Params* p, cudaStream_t s) {{ scan::scan2d_bwd_{suffix}(*p, s); }}
 unsigned long ab_params_size() {{ return sizeof(scan::Params); }}
+int ab_strip() {{ return scan::kStrip; }}
 const char* ab_dtype() {{ return "{dtype}"; }}
 }}
 """
@@ -72,8 +73,9 @@ def load(name: str) -> ctypes.CDLL:
     return lib
 
 
-def setup(batch: int, d: int, n: int, H: int, W: int, dtype: str):
-    """Inputs, outputs and scratch as the binding allocates them (scratch sized for any K), and their Params."""
+def setup(batch: int, d: int, n: int, H: int, W: int, dtype: str, strip: int):
+    """Inputs, outputs and scratch as the binding allocates them (scratch sized for any K), and their Params, for
+    checkpoints every `strip` rows (the variant's kStrip)."""
     import torch
 
     from bench_scan import make
@@ -84,7 +86,7 @@ def setup(batch: int, d: int, n: int, H: int, W: int, dtype: str):
     t = {k: v.detach() for k, v in make(batch, d, n, L, dt).items()}
     t.update(B=t["B"].unsqueeze(1).contiguous(), C=t["C"].unsqueeze(1).contiguous(),  # one B/C group
              dout=torch.randn(batch, d, L, device="cuda").to(dt))
-    strip = min(8, H)
+    strip = min(strip, H)
     n_strips = (H + strip - 1) // strip
 
     def rows(r: int) -> "torch.Tensor":
@@ -136,17 +138,19 @@ def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
             times.append(start.elapsed_time(end))
         return statistics.median(times)
 
+    strips = {name: lib.ab_strip() for name, lib in libs.items()}
     for shape in shapes:
-        p, t = setup(*shape, dtype)
-        first = outputs(libs[names[0]], p, t)
+        args = {strip: setup(*shape, dtype, strip) for strip in set(strips.values())}  # the same inputs (seeded)
+        first = outputs(libs[names[0]], *args[strips[names[0]]])
         fwd = {name: [] for name in names}
         bwd = {name: [] for name in names}
         for _ in range(rounds):  # interleaved against drifts of the clock
             for name, lib in libs.items():
+                p = args[strips[name]][0]
                 fwd[name].append(median_ms(lambda: lib.ab_fwd(ctypes.byref(p), stream())))
                 bwd[name].append(median_ms(lambda: lib.ab_bwd(ctypes.byref(p), stream())))
         for name, lib in libs.items():
-            got = outputs(lib, p, t)
+            got = outputs(lib, *args[strips[name]])
             err = max(((got[k] - first[k]).abs().max() / first[k].abs().max().clamp(min=1e-30)).item() for k in OUTPUTS)
             f, b = min(fwd[name]), min(bwd[name])
             print(f"{'x'.join(map(str, shape)):>16} {name:>12}: fwd {f:6.3f}  bwd {b:6.3f}  sum {f + b:6.3f} ms  "

@@ -110,3 +110,4 @@ def test_kernel_ab_variant_builds_with_the_params_layout_of_its_mirror():
     lib = kernel_ab.load("test")
     assert lib.ab_params_size() == kernel_ab.ctypes.sizeof(kernel_ab.Params)
     assert lib.ab_dtype() == b"float32"
+    assert lib.ab_strip() == selective_scan.STRIP  # kernel_ab sizes the checkpoints as the binding does
