@@ -15,7 +15,7 @@ import tifffile
 
 from wsi_pipeline import preprocess as preprocess_module
 from wsi_pipeline.config import ConfigError
-from wsi_pipeline.h5io import Manifest, read_attrs, read_patches
+from wsi_pipeline.h5io import Manifest, file_lock, read_attrs, read_patches
 from wsi_pipeline.preprocess import OutputLayout, compose_config, process_slide, run
 from wsi_pipeline.qc import cell_borders
 from wsi_pipeline.slide import SlideError, slide_id_of
@@ -335,6 +335,23 @@ def test_two_shards_run_one_after_the_other_cover_the_folder(slide_20x, tmp_path
     assert all(OutputLayout(out).patches(slide_id).is_file() for slide_id in ids)
     manifest = pd.read_csv(out / "manifest.csv", dtype=str)
     assert sorted(manifest["slide_id"]) == ids and set(manifest["status"]) == {"ok"}
+
+
+def test_a_second_run_of_the_same_shard_into_one_folder_stops(finished, tmp_path):
+    """While a run writes a folder, another run of the same shard there stops with one message (two unsharded runs
+    would each do every slide); another shard may run beside it, and the folder is free once the run ends."""
+    slides, out = finished
+    shutil.copytree(out, tmp_path / "out")
+    out = tmp_path / "out"
+    with file_lock(out / ".run-manifest.lock", wait=False):  # held as a running unsharded run holds it
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        with pytest.raises(ConfigError, match=r"another run is writing this folder \(it holds .*\.run-manifest\.lock\)"
+                           r".*shard\.rank=R shard\.world_size=N"):
+            preprocess(slides, out)
+        assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        assert [o.status for o in preprocess(slides, out, "shard.rank=0", "shard.world_size=2")] == ["skipped"]
+    (outcome,) = preprocess(slides, out)
+    assert outcome.status == "skipped"
 
 
 def test_a_hydra_sweep_over_shard_ranks_covers_the_folder(slide_20x, tmp_path):

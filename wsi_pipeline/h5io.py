@@ -49,13 +49,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
+def file_lock(path: str | Path, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if need be) for the block: processes that read, then rewrite one
-    shared file (summary.csv after each fold of a parallel sweep) take turns, so none writes a stale one last."""
+    shared file (summary.csv after each fold of a parallel sweep) take turns, so none writes a stale one last.
+    With wait=False a lock another process (or another open of the file) holds raises BlockingIOError at once.
+    The system drops the lock of a process that dies, however it dies."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield
         finally:

@@ -175,15 +175,34 @@ class Shard:
     @contextlib.contextmanager
     def manifest(self, out_dir: Path) -> Iterator[Manifest]:
         """This rank's manifest for the block. Sharded: its own file, started afresh (older rows live in
-        manifest.csv) and folded into manifest.csv when the block ends, even by an error."""
+        manifest.csv) and folded into manifest.csv when the block ends, even by an error.
+
+        The block holds a lock of this shard on `out_dir`: a second run of the same shard into the same folder (two
+        unsharded runs, say, which would both do every slide) stops with a ConfigError before it writes anything.
+        """
         path = self.manifest_path(out_dir)
-        if self.world_size > 1:
-            path.unlink(missing_ok=True)
-        try:
-            yield Manifest(path)
-        finally:
+        with self._lock(out_dir, path):
             if self.world_size > 1:
-                merge_manifests(out_dir, self.world_size)
+                path.unlink(missing_ok=True)
+            try:
+                yield Manifest(path)
+            finally:
+                if self.world_size > 1:
+                    merge_manifests(out_dir, self.world_size)
+
+    @contextlib.contextmanager
+    def _lock(self, out_dir: Path, manifest: Path) -> Iterator[None]:
+        lock, held = out_dir / f".run-{manifest.stem}.lock", contextlib.ExitStack()
+        try:
+            held.enter_context(file_lock(lock, wait=False))
+        except BlockingIOError:
+            which = "" if self.world_size == 1 else f" as shard {self.rank} of {self.world_size}"
+            raise ConfigError(
+                f"{out_dir}: another run is writing this folder{which} (it holds {lock}). Two runs of the same slides "
+                "into one folder would each do every slide: wait for it to finish, or split the slides between "
+                "runs with shard.rank=R shard.world_size=N") from None
+        with held:
+            yield
 
 
 def merge_manifests(out_dir: Path, world_size: int) -> Path:
