@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -130,11 +131,26 @@ def test_resume_skips_and_overwrite_redoes(slide_20x, tmp_path):
 
 
 def test_mpp_override_rescues_a_slide_without_mpp(cohort, tmp_path):
-    slides = tmp_path / "slides"
+    slides, out = tmp_path / "slides", tmp_path / "out"
     link(cohort / "no_mpp.tif", slides / "no_mpp.tif")
-    (outcome,) = preprocess(slides, tmp_path / "out", "slide.mpp=0.25")
+    (outcome,) = preprocess(slides, out, "slide.mpp=0.25")
     assert outcome.status == "ok"
-    assert read_attrs(OutputLayout(tmp_path / "out").patches("no_mpp"))["level0_mpp"] == 0.25
+    attrs = read_attrs(OutputLayout(out).patches("no_mpp"))
+    assert attrs["level0_mpp"] == 0.25 and attrs["mpp_source"] == "override"
+    # a resume with the same override skips it; another override, or none, would make other patches of it
+    assert [o.status for o in preprocess(slides, out, "slide.mpp=0.25")] == ["skipped"]
+    for overrides, difference in [(["slide.mpp=0.3"], "level0_mpp 0.25 (this run: 0.3)"),
+                                  ([], "mpp_source override (this run: objective_power)")]:
+        with pytest.raises(ConfigError, match=re.escape(f"{difference} in 1 file(s)")):
+            preprocess(slides, out, *overrides)
+
+
+def test_mpp_override_does_not_stop_the_resume_of_slides_with_their_own_mpp(finished, tmp_path):
+    """The slide's metadata beats slide.mpp=, so its patches are the same under any override."""
+    slides, out = finished
+    assert read_attrs(OutputLayout(out).patches("a"))["mpp_source"] == "metadata"
+    shutil.copytree(out, tmp_path / "out")
+    assert [o.status for o in preprocess(slides, tmp_path / "out", "slide.mpp=0.3")] == ["skipped"]
 
 
 def test_failed_write_leaves_no_partial_outputs(slide_20x, tmp_path):

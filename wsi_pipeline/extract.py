@@ -257,7 +257,7 @@ class Extractor:
         another encoder, weights, input size or read plan than this run would use: one folder, one kind of features.
         """
         check_resumable(self.out_dir, map(slide_id_of, slides), self.output_of,
-                        lambda slide_id: {**self.encoder_attrs, **self.plan_attrs(slide_id)}, "feature files")
+                        lambda slide_id, _: {**self.encoder_attrs, **self.plan_attrs(slide_id)}, "feature files")
 
     def plan_attrs(self, slide_id: str) -> dict:
         """The read-plan attrs of the slide's current patches file ({} if it has none that can be read)."""

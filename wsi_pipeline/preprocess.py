@@ -64,10 +64,18 @@ class PreprocessSettings:
             raise ConfigError(f"invalid setting(s): {'; '.join(problems)}")
         return cls(**made, mpp_override=cfg.slide.mpp, thumbnail_max_px=cfg.qc.thumbnail_max_px)
 
-    def recorded(self) -> dict:
-        """The settings a patches file records among its attrs (patch_size, target_mpp, tissue_threshold and the
-        segmentation's, as segment_<key>): a finished file is resumed only if they are this run's."""
-        return {**asdict(self.patching), **self.segment_attrs()}
+    def recorded(self, have: dict) -> dict:
+        """The attrs a finished patches file (whose attrs are `have`) must hold to be resumed by this run: the
+        settings it records (patch_size, target_mpp, tissue_threshold and the segmentation's, as segment_<key>)
+        and, for a slide without µm/px of its own, how this run would resolve its level-0 µm/px (`slide.mpp`, else
+        the objective-power guess: mpp_source and level0_mpp). A slide's metadata beats `slide.mpp`, so files of
+        slides that have it resume under any `slide.mpp`."""
+        want = {**asdict(self.patching), **self.segment_attrs()}
+        if have.get("mpp_source", "metadata") != "metadata":
+            want["mpp_source"] = "objective_power" if self.mpp_override is None else "override"
+            if self.mpp_override is not None:
+                want["level0_mpp"] = self.mpp_override
+        return want
 
     def segment_attrs(self) -> dict:
         return {f"segment_{key}": value for key, value in asdict(self.segment).items()}
@@ -134,7 +142,8 @@ def segment_step(slide: Slide, plan: ReadPlan, settings: PreprocessSettings) -> 
 def patch_step(slide: Slide, plan: ReadPlan, seg: Segmentation, settings: PreprocessSettings) -> PatchGrid:
     threshold = settings.patching.tissue_threshold
     grid = patch_grid(slide.slide_id, seg.mask, seg.scale, slide.dimensions, slide.mpp, plan, threshold)
-    grid.attrs.update(settings.segment_attrs())  # the mask the cells were kept by: compared when a run resumes
+    # the mask the cells were kept by and where the µm/px came from: compared when a run resumes
+    grid.attrs.update(settings.segment_attrs(), mpp_source=slide.mpp_source)
     if len(grid) == 0:
         raise SlideError(
             f"{slide.path}: {seg.tissue_mm2:.3g} mm² of tissue but no lattice cell is at least {threshold:.0%} "
@@ -182,7 +191,7 @@ def run(cfg: DictConfig) -> list[Outcome]:
         raise SlideError(f"{cfg.slides}: no slide files in this folder (extensions {', '.join(SLIDE_EXTENSIONS)})")
     check_unique_ids(slides)  # all of them, before sharding: two ids may land on two shards
     if not cfg.overwrite:  # every shard checks the whole folder, so all stop or none
-        check_resumable(layout.root, map(slide_id_of, slides), layout.patches, lambda _: settings.recorded(),
+        check_resumable(layout.root, map(slide_id_of, slides), layout.patches, lambda _, have: settings.recorded(have),
                         "patches files")
     sources = shard.take(slides)
     if shard.world_size > 1:

@@ -96,9 +96,10 @@ def _shown(value: object) -> str:
 
 
 def check_resumable(folder: Path, slide_ids: Iterable[str], output_of: Callable[[str], Path],
-                    wanted: Callable[[str], dict], kind: str) -> None:
+                    wanted: Callable[[str, dict], dict], kind: str) -> None:
     """Raise ConfigError if finished outputs of `slide_ids` (which a resumed run skips) have attrs other than
-    `wanted(slide_id)`, this run's: one folder holds one kind of `kind` (e.g. "feature files").
+    `wanted(slide_id, attrs)`, this run's for that file: one folder holds one kind of `kind` (e.g. "feature
+    files").
 
     Outputs that cannot be read are left to `run_per_slide`, which redoes them. An attr a file does not record (a
     file written before that setting was recorded) is not compared.
@@ -110,7 +111,7 @@ def check_resumable(folder: Path, slide_ids: Iterable[str], output_of: Callable[
             have = read_attrs(output_of(slide_id))
         except FormatError:  # no file, or an unreadable one
             continue
-        differ = [(key, _shown(have[key]), _shown(value)) for key, value in wanted(slide_id).items()
+        differ = [(key, _shown(have[key]), _shown(value)) for key, value in wanted(slide_id, have).items()
                   if key in have and not _same_attr(have[key], value)]
         differences.update(differ)
         n_finished, n_different = n_finished + 1, n_different + bool(differ)
