@@ -9,7 +9,7 @@ import torch
 
 from wsi_pipeline.feature_grids import arrangement_bag, tissue_cells
 from wsi_pipeline.models import create_model, list_models, survival_from_logits
-from wsi_pipeline.models.blocks import build_lattice, place_on_lattice
+from wsi_pipeline.models.blocks import LATTICE_TENSORS, build_lattice, place_on_lattice
 
 SMALL = dict(d_model=16, attn_hidden=16, dropout=0.0)
 SMALL_BY_MODEL = {"transmil": dict(d_model=16, heads=2, dropout=0.0)}
@@ -90,17 +90,41 @@ def test_lattice_is_cropped_to_tissue_and_capped_by_a_stride():
     assert int(capped.count.sum()) == 60_000
 
 
-def test_lattice_is_widened_with_background_to_aligned_sides():
-    """A 3 x 70 box becomes 3 x 72 (rows the kernels read with 16-byte loads): the new cells are background,
-    masked out of the attention, and the rows keep their cells."""
+def test_lattice_is_widened_outside_the_box_to_aligned_sides():
+    """A 3 x 70 box becomes 3 x 72 (rows the kernels read with 16-byte loads): the new cells are outside the box
+    (no pad token, no attention), the box's empty cells are padding, and the rows keep their cells."""
     grid = torch.tensor([[5, 0], [7, 69], [6, 30]])
     lattice = build_lattice(grid, max_cells=1000)
-    assert (lattice.height, lattice.width, lattice.merged) == (3, 72, False)
+    assert (lattice.height, lattice.width, lattice.merged, lattice.widened) == (3, 72, False, True)
     assert lattice.cell.tolist() == [0, 2 * 72 + 69, 72 + 30]
-    background = lattice.count == 0
-    assert torch.equal(lattice.background, background.float())
-    assert torch.equal(lattice.score_bias == float("-inf"), background) and lattice.score_bias.max() == 0
-    assert (build_lattice(grid, max_cells=3 * 71).width, build_lattice(grid, max_cells=3 * 71).stride) == (70, 1)
+    inside = torch.zeros(3, 72)
+    inside[:, :70] = 1
+    assert torch.equal(lattice.inside, inside.flatten())
+    empty = lattice.count == 0
+    assert torch.equal(lattice.background, (empty & (lattice.inside > 0)).float())
+    assert torch.equal(lattice.score_bias == float("-inf"), empty) and lattice.score_bias.max() == 0
+    unwidened = build_lattice(grid, max_cells=3 * 71)
+    assert (unwidened.width, unwidened.stride, unwidened.widened) == (70, 1, False) and unwidened.inside.min() == 1
+
+
+@pytest.mark.parametrize("scan_order", ["row_first", "column_first"])
+@pytest.mark.parametrize("mask_padding", [True, False], ids=["masked", "unmasked"])
+def test_mamba2d_output_does_not_depend_on_the_widening(scan_order, mask_padding):
+    """The same slide on its 70 x 75 box widened to 72 x 76 (max_cells allowing it) and not: the same logits and
+    attention, two blocks deep (the cells widening adds stay zeros, which the conv sees as its padding, and take no
+    attention)."""
+    cells = np.concatenate([tissue_cells(70, 75, 1500, np.random.default_rng(3)), [[0, 0], [69, 74]]])
+    grid = torch.from_numpy(np.unique(cells, axis=0))  # a 70 x 75 box: corners included
+    feats = torch.from_numpy(np.random.default_rng(4).normal(0, 1, (len(grid), 8)).astype(np.float32))
+    outs = []
+    for max_cells in (100_000, 70 * 75):
+        model = small_model("mamba2d", n_layers=2, scan_order=scan_order, mask_padding=mask_padding,
+                            max_cells=max_cells).eval()
+        assert model.grid_prep(grid).widened == (max_cells == 100_000)
+        with torch.no_grad():
+            outs.append(model(feats, grid))
+    torch.testing.assert_close(outs[0].logits, outs[1].logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0].attention, outs[1].attention, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("max_cells", [1000, 12], ids=["one-row-per-cell", "merged"])
@@ -145,7 +169,7 @@ def test_lattice_reaches_the_device_in_one_copy_unchanged():
     pinned = host.pin_memory()
     assert pinned.packed.flat.is_pinned() and not host.packed.flat.is_pinned()
     for moved in (device, pinned.to("cuda"), host.to("cuda")):
-        for name in ("cell", "count", "background", "score_bias"):
+        for name in LATTICE_TENSORS:
             got = getattr(moved, name)
             assert got.is_cuda and got.dtype == getattr(host, name).dtype
             torch.testing.assert_close(got.cpu(), getattr(host, name))

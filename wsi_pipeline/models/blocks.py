@@ -113,13 +113,15 @@ class Lattice:
 
     cell: torch.Tensor  # (N,) int32, row-major cell index of each input row
     count: torch.Tensor  # (height * width,) int32, rows per cell
-    background: torch.Tensor  # (height * width,) float32, 1 on cells without rows (padding), else 0
-    score_bias: torch.Tensor  # (height * width,) float32, -inf on background, else 0: attention over tissue only
+    background: torch.Tensor  # (height * width,) float32, 1 on the box's cells without rows (padding), else 0
+    score_bias: torch.Tensor  # (height * width,) float32, -inf on cells without rows, else 0: attention over tissue
+    inside: torch.Tensor  # (height * width,) float32, 1 in the tissue's box, 0 on the cells widening added
     height: int
     width: int
     stride: int  # lattice cells per side merged into one (1 = the slide's own lattice)
     merged: bool  # some cell holds several rows (their mean is taken)
-    packed: Packed | None = None  # on the host: the four tensors above, packed (they are its views)
+    widened: bool = False  # cells were added on the right or at the bottom (`inside` is 0 there)
+    packed: Packed | None = None  # on the host: the tensors above, packed (they are its views)
 
     @property
     def occupied(self) -> torch.Tensor:
@@ -146,16 +148,20 @@ class Lattice:
         return replace(self, **dict(zip(LATTICE_TENSORS, tensors)), packed=packed)
 
 
-LATTICE_TENSORS = ("cell", "count", "background", "score_bias")
+LATTICE_TENSORS = ("cell", "count", "background", "score_bias", "inside")
 
 
 def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | str | None = None) -> Lattice:
     """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at most
     `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged); widen it with
     background on the right and at the bottom to sides the 16-bit scan kernels read at full speed
-    (`ops.aligned_width`: a multiple of 4 cells from 65 to 128, of 8 above) when that stays within `max_cells`. The
-    added cells are padding like any other background cell, and the Mamba blocks under bf16 autocast then need no
-    widening of their own (a copy each way; in fp32, rows of 33-64 cells are still widened by `ops.mamba_inner`).
+    (`ops.aligned_width`: a multiple of 4 cells from 65 to 128, of 8 above) when that stays within `max_cells`, so
+    that the Mamba blocks under bf16 autocast need no widening of their own (a copy each way; in fp32, rows of 33-64
+    cells are still widened by `ops.mamba_inner`). The added cells are outside the box, not padding (`inside` is 0
+    there): they hold zeros, which stay zero through every Mamba block (in_proj and out_proj have no bias and the
+    gate silu(z) is 0 there), which the conv sees as its own zero padding and the row-first scan never carries
+    back into the box; and they take no attention. So a model's output does not depend on whether the widened
+    lattice fitted `max_cells` (tested).
 
     The lattice's sides are Python ints (the scan's shape): built from a grid on the host this costs no device
     synchronisation, and its tensors go to `device` (default: the grid's) in one copy that does not block.
@@ -173,17 +179,22 @@ def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | str
         stride += 1
     if stride > 1:
         r, c = r // stride, c // stride
-    height, width = math.ceil(height / stride), math.ceil(width / stride)
+    box = height, width = math.ceil(height / stride), math.ceil(width / stride)
     aligned = ops.aligned_width(height), ops.aligned_width(width)
     if aligned[0] * aligned[1] <= max_cells:  # else the blocks widen their rows
         height, width = aligned
     cell = (r * width + c).astype(np.int32)
     count = np.bincount(cell, minlength=height * width).astype(np.int32)
+    inside = np.zeros((height, width), np.float32)
+    inside[:box[0], :box[1]] = 1
+    inside = inside.reshape(-1)
     empty = count == 0
     score_bias = np.zeros(len(count), np.float32)
     score_bias[empty] = -np.inf
-    packed = Packed([torch.from_numpy(a) for a in (cell, count, empty.astype(np.float32), score_bias)])
-    host = Lattice(*packed.tensors, height, width, stride, merged=bool(count.max() > 1), packed=packed)
+    background = (empty & (inside > 0)).astype(np.float32)
+    packed = Packed([torch.from_numpy(a) for a in (cell, count, background, score_bias, inside)])
+    host = Lattice(*packed.tensors, height, width, stride, merged=bool(count.max() > 1),
+                   widened=(height, width) != box, packed=packed)
     return host.to(grid.device if device is None else device)
 
 

@@ -51,12 +51,14 @@ class Mamba2DMIL(nn.Module):
         shape = (lattice.height, lattice.width)
         if self.column_first:  # scanning the transposed lattice row-first = the original one column-first
             x, shape = _transposed(x, shape), shape[::-1]
-        for block in self.blocks:
+        for block in self.blocks:  # (cells widening added stay zero: see build_lattice)
             x = block(x, shape)
         if self.column_first:
             x = _transposed(x, shape)
         x = self.norm(x)
-        pooled, weights = self.pool(x, lattice.score_bias if self.mask_padding else None)
+        # attention over the tissue (or, unmasked, the whole box), never over cells widening added
+        bias = lattice.score_bias if self.mask_padding else lattice.inside.log() if lattice.widened else None
+        pooled, weights = self.pool(x, bias)
         weights = weights.detach()
         return MILOutput(self.head(pooled), lambda: row_attention(weights, lattice))
 
