@@ -362,7 +362,7 @@ def test_a_second_run_of_the_same_shard_into_one_folder_stops(finished, tmp_path
     with file_lock(out / ".run-manifest.lock", wait=False):  # held as a running unsharded run holds it
         before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
         with pytest.raises(ConfigError, match=r"another run is writing this folder \(it holds .*\.run-manifest\.lock\)"
-                           r".*shard\.rank=R shard\.world_size=N"):
+                           r".*RANK=r WORLD_SIZE=n .*shard\.rank=r shard\.world_size=n"):
             preprocess(slides, out)
         assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*")}
         assert [o.status for o in preprocess(slides, out, "shard.rank=0", "shard.world_size=2")] == ["skipped"]

@@ -201,7 +201,8 @@ class Shard:
             raise ConfigError(
                 f"{out_dir}: another run is writing this folder{which} (it holds {lock}). Two runs of the same slides "
                 "into one folder would each do every slide: wait for it to finish, or split the slides between "
-                "runs with shard.rank=R shard.world_size=N") from None
+                "runs with RANK=r WORLD_SIZE=n (as torchrun sets them; preprocessing also takes shard.rank=r "
+                "shard.world_size=n)") from None
         with held:
             yield
 

@@ -153,8 +153,8 @@ LATTICE_TENSORS = ("cell", "count", "background", "score_bias", "inside")
 
 def build_lattice(grid: torch.Tensor, max_cells: int, device: torch.device | str | None = None) -> Lattice:
     """Crop the patch lattice to the tissue bounding box; coarsen it by an integer stride until it has at most
-    `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged); widen it with
-    background on the right and at the bottom to sides the 16-bit scan kernels read at full speed
+    `max_cells` cells (huge slides: bounded memory; rows sharing a coarse cell are averaged); widen it on the right
+    and at the bottom to sides the 16-bit scan kernels read at full speed
     (`ops.aligned_width`: a multiple of 4 cells from 65 to 128, of 8 above) when that stays within `max_cells`, so
     that the Mamba blocks under bf16 autocast need no widening of their own (a copy each way; in fp32, rows of 33-64
     cells are still widened by `ops.mamba_inner`). The added cells are outside the box, not padding (`inside` is 0
