@@ -803,7 +803,6 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
         if (s + 1 < nsteps) fetch(s + 1);
 #pragma unroll
         for (int q = 0; q < S; ++q) h_above(q, i, j0, valid, hp[q]);
-#pragma unroll
         // lg: right-to-left scan of lh with multipliers m_j = dA[i, j+1], the S states' warp scans in step.
         float dA[S][K], m_last[S], ra[S], rb[S], lg_in[S];
 #pragma unroll
