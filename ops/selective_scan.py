@@ -19,7 +19,7 @@ from .reference import _output, selective_scan_1d_ref, selective_scan_2d_ref, wa
 
 LOG = logging.getLogger(__name__)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-STRIP = 8  # rows between two checkpointed state rows: the forward keeps L*dim*n/STRIP floats for the backward
+STRIP = 16  # rows between two checkpointed state rows: the forward keeps L*dim*n/STRIP floats for the backward
 _state: dict[str, object] = {}
 
 
