@@ -267,14 +267,19 @@ __device__ __forceinline__ void drain_window(int s0, int count, int W, Where whe
 // states of a warp, so that their shuffles' latencies overlap); sets in[q] to the lane's incoming value given the
 // value carry[q] entering the tile, and carry[q] to the value leaving the tile.
 // Segmented by SEG lanes (32 / P): each segment scans on its own.
-template <int SEG, int S>
+// kFresh (rows of one tile, the kU kernels): every scan starts from zero and its outgoing value is not wanted, so
+// in[q] is the exclusive scan's b alone and carry is left as it is: the last level's shuffle of a and the shuffle
+// of a for in drop (two of twelve shuffles, on the step's critical path), with in[q] unchanged to the bit.
+template <int SEG, int S, bool kFresh = false>
 __device__ __forceinline__ void warp_scans_in(float (&a)[S], float (&b)[S], float (&carry)[S], float (&in)[S]) {
   const int lane = threadIdx.x & (SEG - 1);
 #pragma unroll
   for (int off = 1; off < SEG; off <<= 1) {
 #pragma unroll
     for (int q = 0; q < S; ++q) {
-      const float pa = __shfl_up_sync(kFull, a[q], off, SEG), pb = __shfl_up_sync(kFull, b[q], off, SEG);
+      const bool need_a = !kFresh || 2 * off < SEG;
+      const float pb = __shfl_up_sync(kFull, b[q], off, SEG);
+      const float pa = need_a ? __shfl_up_sync(kFull, a[q], off, SEG) : 1.f;
       if (lane >= off) {
         b[q] = a[q] * pb + b[q];
         a[q] = a[q] * pa;
@@ -283,29 +288,36 @@ __device__ __forceinline__ void warp_scans_in(float (&a)[S], float (&b)[S], floa
   }
 #pragma unroll
   for (int q = 0; q < S; ++q) {
-    float ea = __shfl_up_sync(kFull, a[q], 1, SEG), eb = __shfl_up_sync(kFull, b[q], 1, SEG);
-    if (lane == 0) ea = 1.f, eb = 0.f;
-    in[q] = ea * carry[q] + eb;
-    carry[q] = __shfl_sync(kFull, a[q], SEG - 1, SEG) * carry[q] + __shfl_sync(kFull, b[q], SEG - 1, SEG);
+    const float eb = __shfl_up_sync(kFull, b[q], 1, SEG);
+    if constexpr (kFresh) {
+      in[q] = lane == 0 ? 0.f : eb;
+    } else {
+      float ea = __shfl_up_sync(kFull, a[q], 1, SEG), e = eb;
+      if (lane == 0) ea = 1.f, e = 0.f;
+      in[q] = ea * carry[q] + e;
+      carry[q] = __shfl_sync(kFull, a[q], SEG - 1, SEG) * carry[q] + __shfl_sync(kFull, b[q], SEG - 1, SEG);
+    }
   }
 }
-template <int SEG = 32>
+template <int SEG = 32, bool kFresh = false>
 __device__ __forceinline__ float warp_scan_in(float a, float b, float& carry) {
   float as[1] = {a}, bs[1] = {b}, cs[1] = {carry}, in[1];
-  warp_scans_in<SEG, 1>(as, bs, cs, in);
+  warp_scans_in<SEG, 1, kFresh>(as, bs, cs, in);
   carry = cs[0];
   return in[0];
 }
 
 // The mirror image (right to left): x_lane = b + a * x_{lane+1}; in[q] is the lane's incoming value from the right.
-template <int SEG, int S>
+template <int SEG, int S, bool kFresh = false>
 __device__ __forceinline__ void warp_scans_rev_in(float (&a)[S], float (&b)[S], float (&carry)[S], float (&in)[S]) {
   const int lane = threadIdx.x & (SEG - 1);
 #pragma unroll
   for (int off = 1; off < SEG; off <<= 1) {
 #pragma unroll
     for (int q = 0; q < S; ++q) {
-      const float na = __shfl_down_sync(kFull, a[q], off, SEG), nb = __shfl_down_sync(kFull, b[q], off, SEG);
+      const bool need_a = !kFresh || 2 * off < SEG;
+      const float nb = __shfl_down_sync(kFull, b[q], off, SEG);
+      const float na = need_a ? __shfl_down_sync(kFull, a[q], off, SEG) : 1.f;
       if (lane + off < SEG) {
         b[q] = b[q] + a[q] * nb;
         a[q] = a[q] * na;
@@ -314,10 +326,15 @@ __device__ __forceinline__ void warp_scans_rev_in(float (&a)[S], float (&b)[S], 
   }
 #pragma unroll
   for (int q = 0; q < S; ++q) {
-    float xa = __shfl_down_sync(kFull, a[q], 1, SEG), xb = __shfl_down_sync(kFull, b[q], 1, SEG);
-    if (lane == SEG - 1) xa = 1.f, xb = 0.f;
-    in[q] = xb + xa * carry[q];
-    carry[q] = __shfl_sync(kFull, b[q], 0, SEG) + __shfl_sync(kFull, a[q], 0, SEG) * carry[q];
+    const float xb = __shfl_down_sync(kFull, b[q], 1, SEG);
+    if constexpr (kFresh) {
+      in[q] = lane == SEG - 1 ? 0.f : xb;
+    } else {
+      float xa = __shfl_down_sync(kFull, a[q], 1, SEG), x = xb;
+      if (lane == SEG - 1) xa = 1.f, x = 0.f;
+      in[q] = x + xa * carry[q];
+      carry[q] = __shfl_sync(kFull, b[q], 0, SEG) + __shfl_sync(kFull, a[q], 0, SEG) * carry[q];
+    }
   }
 }
 
@@ -568,7 +585,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
     lds<K>(sm.stage_ptr(1, s, lane * K), uu);
     ldg<T, K, true, kU>(ch.B + i * W, j0, valid, vec, bu);
     const float2 ab = discretise<K>(dt, uu, ch.a2, dA, bu);
-    float g = warp_scan_in<SEG>(ab.x, ab.y, gc);
+    float g = warp_scan_in<SEG, kU>(ab.x, ab.y, gc);
     if (nt > 1) {
       if (i > 0) ldg<float, K, false>(carry, j0, valid, vecf, hv);
       else for (int k = 0; k < K; ++k) hv[k] = 0.f;
@@ -718,7 +735,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
           const float2 ab = discretise<K>(dt, uu, a2[q], dA[q], bu[q]);
           ma[q] = ab.x, mb[q] = ab.y;
         }
-        warp_scans_in<SEG, S>(ma, mb, gc, g);
+        warp_scans_in<SEG, S, kU>(ma, mb, gc, g);
 #pragma unroll
         for (int q = 0; q < S; ++q)
           if (lane_carries) glane[q * kGlane * nt + ((i - r0) * nt + t) * 32] = g[q];
@@ -823,7 +840,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
             ra[q] *= m;
           }
         }
-        warp_scans_rev_in<SEG, S>(ra, rb, lgc, lg_in);
+        warp_scans_rev_in<SEG, S, kU>(ra, rb, lgc, lg_in);
 #pragma unroll
         for (int q = 0; q < S; ++q) {
           dA_right[q] = __shfl_sync(kFull, dA[q][0], 0, SEG);
