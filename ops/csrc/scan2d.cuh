@@ -131,6 +131,9 @@ struct Smem {
     if constexpr (N == 4) {
       const float4 x = *reinterpret_cast<const float4*>(&part(a, s, w, col));
       v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
+    } else if constexpr (N == 2) {
+      const float2 x = *reinterpret_cast<const float2*>(&part(a, s, w, col));
+      v[0] += x.x, v[1] += x.y;
     } else {
       v[0] += part(a, s, w, col);
     }
@@ -338,6 +341,16 @@ __device__ __forceinline__ void warp_scans_rev_in(float (&a)[S], float (&b)[S], 
   }
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The 16-byte atomic add (red.global.add.v4.f32, as atomicAdd(float4*) compiles) under a predicate rather than in a
+// branch, whose BSSY / BRA / BSYNC the step paid for each of its four atomics (v18). 16-byte aligned `at`.
+__device__ __forceinline__ void red_add_v4(float* at, float a, float b, float c, float d, bool on) {
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t@p red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n\t}" ::"l"(at),
+      "f"(a), "f"(b), "f"(c), "f"(d), "r"((int)on));
+}
+#endif
+
 // Adds vals to out[l0 .. l0+K) (K consecutive columns, the first `valid` of them inside the row), with 16-byte
 // atomics where the row layout keeps them aligned (vec4), else one float at a time. `halves`: K = 8 values
 // rearranged by pair_halves, whose offsets it is (then vec4).
@@ -350,9 +363,7 @@ __device__ __forceinline__ void atomic_add_row(float* out, long l0, int valid, c
 #pragma unroll
       for (int q = 0; q < K / 4; ++q) {
         const int off = K == 8 ? (q == 0 ? halves.x : halves.y) : 4 * q;
-        if (off < valid)
-          atomicAdd(reinterpret_cast<float4*>(out + l0 + off),
-                    make_float4(vals[4 * q], vals[4 * q + 1], vals[4 * q + 2], vals[4 * q + 3]));
+        red_add_v4(out + l0 + off, vals[4 * q], vals[4 * q + 1], vals[4 * q + 2], vals[4 * q + 3], off < valid);
       }
       return;
     }
@@ -560,13 +571,16 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
     }, no_sums);
   };
   auto drain = [&](int s0, int count) {
-    drain_window<K, P, 4>(s0, count, W, [&](int s) { return split_step(s, nt); },
+    // 2 columns per thread (v18; 4 since v10): twice the threads share a window's sums, each half the adds in
+    // sequence (kernel_ab, bf16 forward: 16x256x160x160 3.72 -> 3.61 ms, 64x192x56x56 1.055 -> 1.034; 1 was slower)
+    constexpr int N = 2;
+    drain_window<K, P, N>(s0, count, W, [&](int s) { return split_step(s, nt); },
                           [&](int s, int col, int seg, long l, int q_end) {
-      float v[4];
-      sm.template sum<4, kU>(0, s, col, nwarps, v);
+      float v[N];
+      sm.template sum<N, kU>(0, s, col, nwarps, v);
       l += (c0 + seg) * ch.L;
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < N; ++q) {
         if (q >= q_end) break;
         if (p.atomic_out) atomicAdd(p.ypre + l + q, v[q]);
         else finish_forward<T>(p, d0 + seg, l + q, v[q], sm.stage(1, s, col + q), sm.stage(2, s, col + q));
@@ -770,8 +784,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
         }, accD);
       };
       auto drain = [&](int s0, int count) {
-        // one column per thread: 4 (as the forward) spill at K <= 2 and measured no faster at K >= 4
-        constexpr int N = 1;
+        // 2 columns per thread at K >= 4 (v18: one round of the block's threads for a window of 256-column rows
+        // instead of two), one at K <= 2, where more spill; 4 measured no faster
+        constexpr int N = K >= 4 ? 2 : 1;
         drain_window<K, P, N>(s0, count, W, where, [&](int s, int col, int seg, long l, int q_end) {
           float du[N], dd[N];
           sm.template sum<N, kU>(0, s, col, nwarps, du);
