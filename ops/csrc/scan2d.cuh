@@ -152,13 +152,13 @@ __device__ __forceinline__ void add_to(float (&acc)[P], int seg, float v) {
 
 // What a window stages per position, besides delta (after bias and softplus, array 0) and u (array 1):
 //   kForward: 2 the gate silu(z) (1 without z);
-//   kRecompute (the backward's phase A): nothing more;
+//   kRecompute (the backward's phase A): 2 dy = dout * silu(z) (v18: phase A adds dC = sum dy h);
 //   kAdjoint (phase B): 2 dy = dout * silu(z), 3 softplus'(delta + bias) (1 without softplus); it also writes dz
 //   (which needs no scan) and adds dy u to the thread's dD shares (acc).
 // So the drains read their per-position factors from shared memory rather than from global memory.
 enum class Staged { kForward, kRecompute, kAdjoint };
 template <Staged kKind>
-constexpr int n_staged() { return kKind == Staged::kRecompute ? 2 : kKind == Staged::kForward ? 3 : 4; }
+constexpr int n_staged() { return kKind == Staged::kAdjoint ? 4 : 3; }
 
 // Asks L2 for the inputs the staging of the window from s0 will read (v17): issued by the staging of the window
 // before, so that those loads find L2 rather than DRAM a window's steps later. One prefetch per 32-byte sector.
@@ -178,9 +178,9 @@ __device__ __forceinline__ void prefetch_window(const Params& p, const Channel<T
     auto l2 = [](const void* a) { asm volatile("prefetch.global.L2 [%0];" ::"l"(a)); };
     l2(ch.delta + l);
     l2(ch.u + l);
-    if (kKind != Staged::kRecompute && p.z) l2(static_cast<const T*>(p.z) + m);
+    if (p.z) l2(static_cast<const T*>(p.z) + m);
+    if (kKind != Staged::kForward) l2(static_cast<const T*>(p.dout) + m);
     if (kKind == Staged::kAdjoint) {
-      l2(static_cast<const T*>(p.dout) + m);
       if (p.z)
         for (int o = 0; o < C; o += 8) l2(p.ypre + m + o);
     }
@@ -215,22 +215,24 @@ __device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& 
           const float zz = to_float(__ldg(z + m));
           x2 = zz * sigmoid(zz);
         }
-      } else if constexpr (kKind == Staged::kAdjoint) {
+      } else {
         const float g = to_float(__ldg(dout + m));
         x2 = g;
         if (p.z) {
           const float zz = to_float(__ldg(z + m)), sg = sigmoid(zz);
           x2 = g * zz * sg;
-          if (blockIdx.y == 0)
+          if (kKind == Staged::kAdjoint && blockIdx.y == 0)
             static_cast<T*>(p.dz)[m] = from_float<T>(g * __ldg(p.ypre + m) * sg * (1.f + zz * (1.f - sg)));
         }
-        if (p.softplus) x3 = sigmoid(raw);
-        if (p.D && blockIdx.y == 0) add_to<P>(acc, seg, x2 * uu);
+        if constexpr (kKind == Staged::kAdjoint) {
+          if (p.softplus) x3 = sigmoid(raw);
+          if (p.D && blockIdx.y == 0) add_to<P>(acc, seg, x2 * uu);
+        }
       }
     }
     sm.stage(0, s, col) = dt;  // zero past the row's end: dA = 1 and dBu = 0 there (identity); dy zero too
     sm.stage(1, s, col) = uu;
-    if constexpr (kKind != Staged::kRecompute) sm.stage(2, s, col) = x2;
+    sm.stage(2, s, col) = x2;
     if constexpr (kKind == Staged::kAdjoint) sm.stage(3, s, col) = x3;
   }
 }
@@ -389,6 +391,24 @@ __device__ __forceinline__ int2 pair_halves(float (&v)[8]) {
     else v[4 + q] = lo;
   }
   return odd ? make_int2(-4, 4) : make_int2(0, 8);
+}
+
+// Adds a lane's K values of row i of a sum over channels (dB, dC) to out at l0 (`valid` of them inside the row):
+// the P channels of a warp share B and C, so their segments are summed by shuffles first and the first segment's
+// lanes add (when `add`). v16: whole-sector atomics at K = 8 (pair_halves; 200x200 bf16 backward 1.48 -> 1.33 ms);
+// not in the general kernels (20 more bytes of spills, 132x132 bf16 4.6% slower) nor with packed channels, where only
+// the first segment's lanes add (64x192x56x56 bf16 2.3% slower).
+template <int K, int P, bool kU>
+__device__ __forceinline__ void add_over_channels(float* out, long l0, int valid, float (&v)[K], bool vec4,
+                                                  bool add) {
+#pragma unroll
+  for (int off = 32 / P; off < 32; off <<= 1) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += __shfl_down_sync(kFull, v[k], off);
+  }
+  int2 halves = make_int2(0, 4);
+  if constexpr (K == 8 && kU && P == 1) halves = pair_halves(v);
+  if (add) atomic_add_row<K>(out, l0, valid, v, vec4, halves);
 }
 
 // K consecutive floats of shared memory (16-byte aligned when K >= 4) into / from registers.
@@ -699,13 +719,14 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
         else for (int k = 0; k < K; ++k) hp[k] = 0.f;
       }
     };
-    // Phase A: recompute h over rows r0..r1-1 from the checkpoint (into hbuf) and the horizontal carries: every
-    // lane's incoming g (lane_carries) or every tile's, the last row's too when phase B needs them.
+    // Phase A: recompute h over rows r0..r1 from the checkpoint (into hbuf, but for the last row) and the horizontal
+    // carries: every lane's incoming g (lane_carries) or every tile's; and add dC = sum over channels of dy h (v18:
+    // moved here from phase B, which carries the more instructions and the other atomics).
     {
       float gc[S];
 #pragma unroll
       for (int q = 0; q < S; ++q) gc[q] = 0.f;
-      const int nsteps = (r1 - r0) * nt + (lane_carries || nt > 1 ? nt : 0);
+      const int nsteps = (r1 - r0 + 1) * nt;  // the last row for its carries and its dC
       auto where = [&](int s) {
         const int2 it = split_step(s, nt);
         return make_int2(r0 + it.x, it.y);
@@ -753,17 +774,21 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
 #pragma unroll
         for (int q = 0; q < S; ++q)
           if (lane_carries) glane[q * kGlane * nt + ((i - r0) * nt + t) * 32] = g[q];
-        if (i == r1) return;  // the last row needs only its carries
+        float dyk[K];
+        lds<K>(sm.stage_ptr(2, s, lane * K), dyk);
 #pragma unroll
         for (int q = 0; q < S; ++q) {
           // h of the row above: in kHrow kernels the previous step's, whose lane had the same columns
           if (!kHrow || i == r0) h_above(q, i, j0, valid, hrow[q]);
+          float vC[K];  // dC = sum over channels of dy h (v18: here rather than in phase B)
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             g[q] = dA[q][k] * g[q] + bu[q][k];
             hrow[q][k] = dA[q][k] * hrow[q][k] + g[q];
+            vC[k] = dyk[k] * hrow[q][k];
           }
-          stg<K, kU>(hbuf + q * hbuf_rows + (i - r0) * W + j0, valid, vecf, hrow[q]);
+          if (i < r1) stg<K, kU>(hbuf + q * hbuf_rows + (i - r0) * W + j0, valid, vecf, hrow[q]);
+          add_over_channels<K, P, kU>(dC + q * L, (long)i * W + j0, W - j0, vC, vec4, active && ch.seg == 0);
         }
       };
       windows(nsteps, stage, step, [](int, int) {});
@@ -880,7 +905,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
             float gcarry = (nt > 1 && t > 0) ? gbuf[q * gbuf_rows + (i - r0) * nt + t] : 0.f;
             gp = warp_scan_in<SEG>(a, b, gcarry);
           }
-          float vB[K], vC[K];
+          float vB[K];
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             const float g = dA[q][k] * gp + dt[k] * uu[k] * bb[q][k];
@@ -890,35 +915,15 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
             pdd[k] = q == 0 ? dd : pdd[k] + dd;  // (the sums over the warp's states)
             pdu[k] = q == 0 ? du : pdu[k] + du;
             vB[k] = lg[k] * dt[k] * uu[k];
-            vC[k] = dyk[k] * (dA[q][k] * hp[q][k] + g);
             dA_sum[q] += ddA * dA[q][k] * dt[k];
             lv[q][k] = dA[q][k] * lh[q][k];
           }
-          if (q == S - 1) {  // (before the atomics, which need vB and vC in registers)
+          if (q == S - 1) {  // (before the atomics, which need vB in registers)
             sts<K>(&sm.part(0, s, warp, lane * K), pdu);
             sts<K>(&sm.part(1, s, warp, lane * K), pdd);
           }
           if (nt > 1 && i > 0) stg<K>(lcarry + q * W + j0, valid, vecf, lv[q]);
-#pragma unroll
-          for (int off = SEG; off < 32; off <<= 1) {  // the P channels share B, C: sum them before the atomics
-#pragma unroll
-            for (int k = 0; k < K; ++k) {
-              vB[k] += __shfl_down_sync(kFull, vB[k], off);
-              vC[k] += __shfl_down_sync(kFull, vC[k], off);
-            }
-          }
-          // v16: whole-sector atomics at K = 8 (200x200 bf16 backward 1.48 -> 1.33 ms). Not in the general kernels
-          // (20 more bytes of spills, 132x132 bf16 4.6% slower) nor with packed channels, where only the first
-          // segment's lanes add (64x192x56x56 bf16 2.3% slower).
-          int2 halves = make_int2(0, 4);
-          if constexpr (K == 8 && kU && P == 1) {
-            halves = pair_halves(vB);
-            pair_halves(vC);
-          }
-          if (active && ch.seg == 0) {
-            atomic_add_row<K>(dB + q * L, (long)i * W + j0, W - j0, vB, vec4, halves);
-            atomic_add_row<K>(dC + q * L, (long)i * W + j0, W - j0, vC, vec4, halves);
-          }
+          add_over_channels<K, P, kU>(dB + q * L, (long)i * W + j0, W - j0, vB, vec4, active && ch.seg == 0);
         }
       };
       windows(nsteps, stage, step, drain);
