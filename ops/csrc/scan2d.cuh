@@ -31,6 +31,8 @@
 // per SM): the warp's two states share the staged loads and sum their du, d delta shares before the shared-memory
 // partials, and their warp scans run in step. The staging asks L2 for the next window's inputs; at K = 8 with one
 // channel per warp, phase A keeps h of the row above in registers.
+// v18: checkpoint strips of 16 rows; one-tile rows' warp scans without carries; drains of 2 columns per thread;
+// predicated dB/dC atomics; dC added in phase A, where h is recomputed, rather than in phase B.
 #pragma once
 #include <cuda_runtime.h>
 

@@ -7,7 +7,7 @@
 namespace scan {
 
 constexpr int kWarpsPerBlock = 16;  // states per block (one warp each); more states use more blocks
-// rows per checkpoint strip (the forward keeps h of every kStrip-th row). v17: 16 rather than 8 (half the checkpoints
+// rows per checkpoint strip (the forward keeps h of every kStrip-th row). v18: 16 rather than 8 (half the checkpoints
 // and half the strips' phase switches in the backward, twice its strip scratch): kernel_ab, bf16 fwd+bwd,
 // 1x256x200x200 1.586 -> 1.549 ms, 16x256x160x160 18.20 -> 17.68, 64x192x56x56 5.59 -> 5.53, 1x256x100x100 0.448 ->
 // 0.443. The lanes' carries in shared memory (kStrip rows of 32 floats per warp and tile) then fit rows of one tile.
