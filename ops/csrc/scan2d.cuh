@@ -395,7 +395,7 @@ __device__ __forceinline__ int2 pair_halves(float (&v)[8]) {
   return odd ? make_int2(-4, 4) : make_int2(0, 8);
 }
 
-// Adds a lane's K values of row i of a sum over channels (dB, dC) to out at l0 (`valid` of them inside the row):
+// Adds a lane's K values of a sum over channels (dB, dC) to out[l0 ..] (`valid` of them inside the row):
 // the P channels of a warp share B and C, so their segments are summed by shuffles first and the first segment's
 // lanes add (when `add`). v16: whole-sector atomics at K = 8 (pair_halves; 200x200 bf16 backward 1.48 -> 1.33 ms);
 // not in the general kernels (20 more bytes of spills, 132x132 bf16 4.6% slower) nor with packed channels, where only
