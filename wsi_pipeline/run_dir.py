@@ -217,10 +217,12 @@ def stale_folds(run_dir: Path) -> dict[Path, list[str]]:
     report's `_stale_folds` warns instead.)"""
     if not (run_dir / CONFIG).is_file():
         return {}
-    return _differing_folds(run_dir, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)), fold_config)
+    return differing_folds(run_dir, OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG)), fold_config)
 
 
-def _differing_folds(run_dir: Path, run: dict, recorded_of: Callable[[Path], dict | None]) -> dict[Path, list[str]]:
+def differing_folds(run_dir: Path, run: dict, recorded_of: Callable[[Path], dict | None]) -> dict[Path, list[str]]:
+    """The trained folds whose settings (`recorded_of(fold_dir)`; None: not known, not compared) differ from `run`,
+    with the keys that differ."""
     changes = {p: config_changes(recorded, run) for p in trained_folds(run_dir) if (recorded := recorded_of(p))}
     return {p: keys for p, keys in changes.items() if keys}
 
@@ -232,7 +234,7 @@ def _stale_folds(run_dir: Path, run_config: DictConfig | None, warnings: list[st
         config = optional_yaml(fold / CONFIG, warnings, "the fold is taken as trained with the run's settings")
         return None if config is None else OmegaConf.to_container(config)
 
-    return {} if run_config is None else _differing_folds(run_dir, OmegaConf.to_container(run_config), recorded_of)
+    return {} if run_config is None else differing_folds(run_dir, OmegaConf.to_container(run_config), recorded_of)
 
 
 def read_summary(path: Path) -> pd.DataFrame:

@@ -35,7 +35,7 @@ from .h5io import FormatError, atomic_path, file_lock, read_attrs
 from .losses import cross_entropy, nll_survival
 from .metrics import compute_metrics
 from .models import create_model, survival_from_logits
-from .run_dir import CONFIG, FOLD_KEYS, config_changes, fold_config, stale_folds, trained_folds
+from .run_dir import CONFIG, FOLD_KEYS, differing_folds, fold_config, stale_folds
 
 log = logging.getLogger(__name__)
 
@@ -287,14 +287,15 @@ def _check_run_config(cfg: DictConfig, run_dir: Path, fold_dir: Path) -> dict:
     current = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in FOLD_KEYS}
     run_config = run_dir / CONFIG
     previous = OmegaConf.to_container(OmegaConf.load(run_config)) if run_config.is_file() else None
-    conflicts = {}
-    for path in trained_folds(run_dir):
+
+    def recorded_of(path: Path) -> dict | None:
         recorded = fold_config(path)
         if recorded is None and previous is not None:  # trained before folds recorded their own settings
-            recorded = previous
-            _write_config(path / CONFIG, recorded)
-        if recorded is not None and (changed := config_changes(recorded, current)):
-            conflicts[path.name] = changed
+            _write_config(path / CONFIG, previous)
+            return previous
+        return recorded
+
+    conflicts = {path.name: keys for path, keys in differing_folds(run_dir, current, recorded_of).items()}
     if conflicts and not cfg.overwrite:
         raise RunDirMismatch(f"{run_dir}: {', '.join(sorted(conflicts))} trained with other values of "
                              f"{sorted(set().union(*conflicts.values()))}; use another run_dir=, or overwrite=true to "
