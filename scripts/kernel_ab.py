@@ -46,7 +46,8 @@ class Params(ctypes.Structure):
 
     _fields_ = ([(n, ctypes.c_int) for n in "batch dim dstate groups height width strip n_strips".split()]
                 + [("softplus", ctypes.c_bool), ("atomic_out", ctypes.c_bool)]
-                + [(n, ctypes.c_void_p) for n in _PTR.split()] + [("lane_carries", ctypes.c_bool)])
+                + [(n, ctypes.c_void_p) for n in _PTR.split()] + [("lane_carries", ctypes.c_bool)]
+                + [("n_slots", ctypes.c_int)])
 
 
 def build(name: str, src: Path, defines: list[str], dtype: str = "bfloat16") -> Path:
@@ -67,7 +68,8 @@ def load(name: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(OUT / f"lib_{name}.so"))
     lib.ab_params_size.restype = ctypes.c_ulong
     lib.ab_dtype.restype = ctypes.c_char_p
-    if lib.ab_params_size() != ctypes.sizeof(Params):
+    # a variant from before v19 reads the Params without their last field (n_slots) and ignores it
+    if lib.ab_params_size() not in (ctypes.sizeof(Params), Params.n_slots.offset):
         raise RuntimeError(f"lib_{name}.so: scan::Params is {lib.ab_params_size()} bytes, the ctypes mirror "
                            f"{ctypes.sizeof(Params)}: update Params in {__file__}")
     return lib
@@ -92,13 +94,22 @@ def setup(batch: int, d: int, n: int, H: int, W: int, dtype: str, strip: int):
     def rows(r: int) -> "torch.Tensor":
         return torch.zeros(max(1, batch * d * n * r), device="cuda")
 
-    t.update(out=torch.empty_like(t["u"]), ypre=torch.empty(batch, d, L, device="cuda"), ckpt=rows((n_strips - 1) * W),
-             carry=rows(W), du=torch.empty_like(t["u"]), ddelta=torch.empty_like(t["u"]), dz=torch.empty_like(t["u"]),
+    # du, d delta: fp32 sums over the state blocks when there are several (atomic_out), else of the input dtype
+    grads = (lambda: torch.zeros(batch, d, L, device="cuda")) if n > 16 else (lambda: torch.empty_like(t["u"]))
+    t.update(out=torch.empty_like(t["u"]), ypre=torch.zeros(batch, d, L, device="cuda"), ckpt=rows((n_strips - 1) * W),
+             carry=rows(W), du=grads(), ddelta=grads(), dz=torch.zeros_like(t["u"]),
              dA=torch.zeros(d, n, device="cuda"), dB=torch.zeros(batch, 1, n, L, device="cuda"),
              dC=torch.zeros(batch, 1, n, L, device="cuda"), dD=torch.zeros(d, device="cuda"),
              dbias=torch.zeros(d, device="cuda"), hbuf=rows((strip - 1) * W), gbuf=rows(strip * ((W + 31) // 32)))
+    # v19: the strip scratch per persistent block of the backward, a slot of up to 4 x 16 states (P x kWarpsPerBlock)
+    # each; as scan_params.h's scratch_slots, kBlocksPerSM = 2 per SM, no more than the blocks of work (counted here at
+    # one channel per warp: at more, some persistent blocks find none). A variant from before takes hbuf, gbuf per
+    # state, as allocated above.
+    n_slots = min(2 * torch.cuda.get_device_properties(0).multi_processor_count, batch * d * ((n + 15) // 16))
+    t.update(hbuf=torch.zeros(max(t["hbuf"].numel(), n_slots * 64 * (strip - 1) * W), device="cuda"),
+             gbuf=torch.zeros(max(t["gbuf"].numel(), n_slots * 64 * strip * ((W + 31) // 32)), device="cuda"))
     p = Params(batch=batch, dim=d, dstate=n, groups=1, height=H, width=W, strip=strip, n_strips=n_strips,
-               softplus=True, atomic_out=n > 16)
+               softplus=True, atomic_out=n > 16, n_slots=n_slots)
     for key, value in t.items():
         setattr(p, key, value.data_ptr())
     return p, t
@@ -118,12 +129,13 @@ def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
         return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
     def outputs(lib, p, t) -> dict:
-        for key in ("dA", "dB", "dC", "dD", "dbias"):
+        for key in ("dA", "dB", "dC", "dD", "dbias", "du", "ddelta", "ypre"):  # (the last 3: sums when atomic_out)
             t[key].zero_()
         lib.ab_fwd(ctypes.byref(p), stream())
         lib.ab_bwd(ctypes.byref(p), stream())
         torch.cuda.synchronize()
-        return {key: t[key].float().clone() for key in OUTPUTS}
+        # with atomic_out, out is the binding's finishing kernel's (not run here), from the sums in ypre
+        return {key: t[key].float().clone() for key in OUTPUTS if not (key == "out" and p.atomic_out)}
 
     def median_ms(fn) -> float:
         fn()
@@ -151,7 +163,7 @@ def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
                 bwd[name].append(median_ms(lambda: lib.ab_bwd(ctypes.byref(p), stream())))
         for name, lib in libs.items():
             got = outputs(lib, *args[strips[name]])
-            err = max(((got[k] - first[k]).abs().max() / first[k].abs().max().clamp(min=1e-30)).item() for k in OUTPUTS)
+            err = max(((got[k] - first[k]).abs().max() / first[k].abs().max().clamp(min=1e-30)).item() for k in got)
             f, b = min(fwd[name]), min(bwd[name])
             print(f"{'x'.join(map(str, shape)):>16} {name:>12}: fwd {f:6.3f}  bwd {b:6.3f}  sum {f + b:6.3f} ms  "
                   f"max rel. difference to {names[0]} {err:.1e}", flush=True)

@@ -197,6 +197,32 @@ def test_forward_keeps_no_per_state_tensor():
     y.float().sum().backward()
 
 
+def test_backward_scratch_is_that_of_the_resident_blocks():
+    """The backward's strip scratch is a slot per persistent block, not the states of every (channel, state): on a
+    grid of at most one strip of rows, the latter is all the (L, d, n) states."""
+    x = make(64, 384, 16, 14 * 14, torch.bfloat16)
+    leaves = {k: (v.requires_grad_() if k in ("u", "delta") else v) for k, v in x.items()}
+    y = ops.selective_scan_2d(**leaves, height=14, width=14)
+    dout = torch.ones_like(y)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y.backward(dout)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    states = 64 * 384 * 16 * 14 * 14 * 4
+    assert extra < states / 8, f"the backward took {extra} bytes more; all states would be {states}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [16, 32])
+def test_scan2d_more_blocks_than_resident(n, dtype):
+    """More blocks of work than the backward's persistent blocks (16 x 128 channels, 4 per warp, in one or two
+    blocks of states): each persistent block takes several in turn, reusing its scratch slot and shared memory."""
+    x = make(16, 128, n, 5 * 9, dtype, options=True, seed=n)
+    compare(ops.selective_scan_2d, ops.selective_scan_2d_ref, x, dict(height=5, width=9), TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("height,width", [(11, 300), (11, 600)])
 def test_scan2d_rows_of_several_tiles(height, width, dtype):

@@ -69,19 +69,23 @@ __device__ __forceinline__ int padded(int col) { return col + ((col >> 5) << 2);
 // state n; state n + q is q rows further in B and C (and dB, dC), at A[d, n + q] and cn + q in the scratch.
 template <typename T>
 struct Channel {
-  int c, b, d, n, W, H, ntiles, seg;  // seg: the lane's segment (channel blockIdx.x * P + seg)
+  int c, b, d, n, W, H, ntiles, seg;  // seg: the lane's segment (channel bx * P + seg)
   bool active;
+  bool states0;  // the block takes states 0-15 (by == 0): it adds the terms that do not depend on the states
   long L;
   const T *u, *delta, *B, *C;
   float a2, bias;  // A * log2(e) (dA = exp2(delta * a2)), delta_bias[d]
   long cn;         // (c, n) index into per-state scratch
 
-  __device__ Channel(const Params& p, int tile, int P, int S = 1) {
+  // the block (bx, by): channels bx * P.., states by * kWarpsPerBlock..; by default the launched block's
+  __device__ Channel(const Params& p, int tile, int P, int S = 1) : Channel(p, tile, P, S, blockIdx.x, blockIdx.y) {}
+  __device__ Channel(const Params& p, int tile, int P, int S, int bx, int by) {
     seg = (threadIdx.x & 31) / (32 / P);
-    c = blockIdx.x * P + seg;
+    c = bx * P + seg;
+    states0 = by == 0;
     b = c / p.dim;
     d = c - b * p.dim;
-    n = blockIdx.y * kWarpsPerBlock + (threadIdx.x >> 5) * S;
+    n = by * kWarpsPerBlock + (threadIdx.x >> 5) * S;
     active = n < p.dstate;
     if (!active) n = 0;
     W = p.width;
@@ -191,7 +195,7 @@ __device__ __forceinline__ void prefetch_window(const Params& p, const Channel<T
 
 // Stages the kWindow steps from s0; where(s, i, t) gives step s's row and tile (i < 0: past the end). Called by
 // the whole block. With P channels per warp, shared column col belongs to segment col / (TILE / P) (the channel
-// blockIdx.x * P + segment; the P channels are consecutive within one batch).
+// ch's first + segment; the P channels are consecutive within one batch).
 template <typename T, int K, int P, Staged kKind, class S, class Where>
 __device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& ch, const S& sm, int s0, Where where,
                                              float (&acc)[P]) {
@@ -223,12 +227,12 @@ __device__ __forceinline__ void stage_window(const Params& p, const Channel<T>& 
         if (p.z) {
           const float zz = to_float(__ldg(z + m)), sg = sigmoid(zz);
           x2 = g * zz * sg;
-          if (kKind == Staged::kAdjoint && blockIdx.y == 0)
+          if (kKind == Staged::kAdjoint && ch.states0)
             static_cast<T*>(p.dz)[m] = from_float<T>(g * __ldg(p.ypre + m) * sg * (1.f + zz * (1.f - sg)));
         }
         if constexpr (kKind == Staged::kAdjoint) {
           if (p.softplus) x3 = sigmoid(raw);
-          if (p.D && blockIdx.y == 0) add_to<P>(acc, seg, x2 * uu);
+          if (p.D && ch.states0) add_to<P>(acc, seg, x2 * uu);
         }
       }
     }
@@ -395,7 +399,7 @@ __device__ __forceinline__ int2 pair_halves(float (&v)[8]) {
   return odd ? make_int2(-4, 4) : make_int2(0, 8);
 }
 
-// Adds a lane's K values of a sum over channels (dB, dC) to out[l0 ..] (`valid` of them inside the row):
+// Adds a lane's K values of row i of a sum over channels (dB, dC) to out at l0 (`valid` of them inside the row):
 // the P channels of a warp share B and C, so their segments are summed by shuffles first and the first segment's
 // lanes add (when `add`). v16: whole-sector atomics at K = 8 (pair_halves; 200x200 bf16 backward 1.48 -> 1.33 ms);
 // not in the general kernels (20 more bytes of spills, 132x132 bf16 4.6% slower) nor with packed channels, where only
@@ -645,11 +649,11 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
 // The backward's elementwise end at element l, channel d (segment seg of the block), given the sums over the
 // block's states of d(sum_n C h)/du and /d(delta after softplus), and the staged dy and softplus': writes du
 // (+ D dy) and d delta (times softplus'), adds d delta to the segment's d delta_bias sum. The block of states
-// 0-15 (blockIdx.y 0) adds the terms that do not depend on the states (dz and dD are the stage's).
+// 0-15 (states0) adds the terms that do not depend on the states (dz and dD are the stage's).
 template <typename T, int P>
-__device__ __forceinline__ void finish_backward(const Params& p, int d, long l, float du, float dd, float dy,
-                                                float dsoftplus, int seg, float (&accB)[P]) {
-  if (p.D && blockIdx.y == 0) du += p.D[d] * dy;
+__device__ __forceinline__ void finish_backward(const Params& p, bool states0, int d, long l, float du, float dd,
+                                                float dy, float dsoftplus, int seg, float (&accB)[P]) {
+  if (p.D && states0) du += p.D[d] * dy;
   dd *= dsoftplus;
   add_to<P>(accB, seg, dd);
   if (p.atomic_out) {
@@ -667,30 +671,33 @@ __device__ __forceinline__ void finish_backward(const Params& p, int d, long l, 
 // kU (uniform rows, scan_params.h's `uniform_rows`): every row is one tile and a multiple of K wide, the wide loads
 // suit it, all kWarpsPerBlock warps are active and lane_carries is set, so the per-step branches on these (scalar
 // loads, tile carries in global memory, idle warps) compile out of the step.
+// One block's work: channels bx * P.., states by * kWarpsPerBlock.., with its strip scratch in slot `slot`.
 template <typename T, int K, int P, bool kU, int S>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2d_bwd_kernel(Params p) {
+__device__ __forceinline__ void scan2d_bwd_block(const Params& p, int bx, int by, int slot) {
   constexpr int TILE = 32 * K, SEG = 32 / P, SEGT = TILE / P;  // shared row width; lanes, columns per channel
   constexpr int NW = kWarpsPerBlock / S;
   extern __shared__ float smem[];
   using Shared = Smem<K, n_staged<Staged::kAdjoint>(), 2, NW>;  // partials: du, ddelta
   const Shared sm{smem};
-  const Channel<T> ch(p, SEGT, P, S);
+  const Channel<T> ch(p, SEGT, P, S, bx, by);
   const int lane = threadIdx.x & 31, slane = lane & (SEG - 1), warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int W = ch.W, H = ch.H, nt = kU ? 1 : ch.ntiles;
   const long L = ch.L;
   const bool vec4 = kU || W % 4 == 0;  // then every 4 consecutive columns of a lane are 16-byte aligned in dB, dC
   const bool vec = kU || wide_ok<T, K>(W), vecf = kU || wide_ok<float, K>(W);
   const bool active = kU || ch.active, lane_carries = kU || p.lane_carries;
-  const long c0 = (long)blockIdx.x * P;  // the block's first channel
+  const long c0 = (long)bx * P;  // the block's first channel
   const int d0 = (int)(c0 % p.dim);
   float accD[P], accB[P];  // this thread's shares of dD and d delta_bias, per segment
 #pragma unroll
   for (int q = 0; q < P; ++q) accD[q] = accB[q] = 0.f;
-  // per-state scratch, of the warp's first state (state q: q rows of each further)
+  // per-state scratch, of the warp's first state (state q: q rows of each further); the strip scratch in the
+  // block's slot
+  const int sn = (slot * P + ch.seg) * kWarpsPerBlock + warp * S;
   const long ckpt_rows = (long)(p.n_strips - 1) * W, hbuf_rows = (long)(p.strip - 1) * W, gbuf_rows = p.strip * nt;
   const float* ckpt = p.ckpt + ch.cn * ckpt_rows;
-  float* hbuf = p.hbuf + ch.cn * hbuf_rows;
-  float* gbuf = p.gbuf + ch.cn * gbuf_rows;
+  float* hbuf = p.hbuf + sn * hbuf_rows;
+  float* gbuf = p.gbuf + sn * gbuf_rows;
   // v10: with lane_carries, g[i, j0 - 1] (the horizontal state entering each lane's columns) of every step of the
   // strip, behind the window buffers: written by phase A, read by the same lane in phase B (no barrier needed)
   constexpr int kGlane = kStrip * 32;  // per state and tile
@@ -822,8 +829,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
 #pragma unroll
           for (int q = 0; q < N; ++q) {
             if (q >= q_end) break;
-            finish_backward<T, P>(p, d0 + seg, l + q, du[q], dd[q], sm.stage(2, s, col + q), sm.stage(3, s, col + q),
-                                  seg, accB);
+            finish_backward<T, P>(p, ch.states0, d0 + seg, l + q, du[q], dd[q], sm.stage(2, s, col + q),
+                                  sm.stage(3, s, col + q), seg, accB);
           }
         });
       };
@@ -947,15 +954,33 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2
       b += __shfl_xor_sync(kFull, b, off);
     }
     if (lane == 0) {
-      if (p.dD && blockIdx.y == 0) atomicAdd(p.dD + d0 + q, a);
+      if (p.dD && ch.states0) atomicAdd(p.dD + d0 + q, a);
       if (p.dbias) atomicAdd(p.dbias + d0 + q, b);
     }
   }
 }
 
+// v19: the backward's blocks are persistent: p.n_slots of them (scratch_slots: two per SM at most), each taking the
+// blocks of work blockIdx.x, + gridDim.x, ... in turn with its own slot of the strip scratch, so that the scratch is
+// of those blocks, not of every (channel, state) of the grid (on grids of at most kStrip rows, all the states). Peak
+// memory of forward+backward, bf16: 64x384x16x14x14 352 -> 69 MiB, 64x192x16x56x56 1235 -> 649. The loop costs
+// the backward ~1% (kernel_ab, bf16: 1x256x16x200x200 1.181 -> 1.191 ms, 64x384x16x14x14 1.016 -> 1.030,
+// 64x192x16x56x56 4.336 -> 4.350, 1x256x16x100x100 0.321 -> 0.331): its loop-invariant values, hoisted, take more
+// registers. (Not kept: slots taken and freed with atomics by blocks of the whole grid, 14x14 1.019 -> 1.129 ms.)
+template <typename T, int K, int P, bool kU, int S>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock / S, K <= 2 ? 2 : 1) scan2d_bwd_kernel(Params p) {
+  const int nx = p.batch * p.dim / P, blocks = nx * ((p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  for (int b = blockIdx.x; b < blocks; b += gridDim.x) {
+    scan2d_bwd_block<T, K, P, kU, S>(p, b % nx, b / nx, blockIdx.x);
+    __syncthreads();  // (the next block's staging reuses the shared memory)
+  }
+}
+
+// A block per P channels and kWarpsPerBlock states; or, persistent (the backward), p.n_slots blocks in one dimension.
 template <typename Kernel>
-void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, int P, int S) {
-  const dim3 grid(p.batch * p.dim / P, (p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
+void launch(Kernel kernel, const Params& p, size_t smem, cudaStream_t stream, int P, int S, bool persistent = false) {
+  const int state_blocks = (p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const dim3 grid = persistent ? dim3(p.n_slots) : dim3(p.batch * p.dim / P, state_blocks);
   const int threads = 32 * (p.dstate < kWarpsPerBlock ? p.dstate : kWarpsPerBlock) / S;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   kernel<<<grid, threads, smem, stream>>>(p);
@@ -982,7 +1007,7 @@ void launch_s(const Params& p, cudaStream_t stream) {
     const size_t base = Smem<K, n_staged<Staged::kAdjoint>(), 2, NW>::bytes();
     q.lane_carries = base + carries <= (size_t)max_smem_per_block();
     if (kU && !q.lane_carries) return launch_s<T, kFwd, K, P, false, 1>(p, stream);
-    launch(scan2d_bwd_kernel<T, K, P, kU, S>, q, base + (q.lane_carries ? carries : 0), stream, P, S);
+    launch(scan2d_bwd_kernel<T, K, P, kU, S>, q, base + (q.lane_carries ? carries : 0), stream, P, S, true);
   }
 }
 

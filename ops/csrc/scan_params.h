@@ -36,9 +36,13 @@ struct Params {
   void *du, *ddelta;  // (batch, dim, L): of T, or fp32 sums when atomic_out
   void* dz;           // (batch, dim, L) of T when z is given
   float *dA, *dB, *dC, *dD, *dbias;  // fp32 sums (dD, dbias null when D, delta_bias are)
-  float* hbuf;  // (batch, dim, dstate, strip - 1, width): recomputed h of a strip
-  float* gbuf;  // (batch, dim, dstate, strip, n_tiles): horizontal carry at each tile start (without lane_carries)
+  // strip scratch of the backward, a slot per persistent block (n_slots; each of the P x kWarpsPerBlock states of a
+  // block; until v18, per (batch, dim, dstate), i.e. all the grid's states when height <= kStrip):
+  float* hbuf;  // (n_slots, P, kWarpsPerBlock, strip - 1, width): recomputed h of a strip
+  float* gbuf;  // (n_slots, P, kWarpsPerBlock, strip, n_tiles): horizontal carry at each tile start (unless
+                //   lane_carries)
   bool lane_carries;  // set by the launcher: phase A keeps every lane's incoming horizontal state in shared memory
+  int n_slots;        // the backward's persistent blocks (its grid), a slot of the strip scratch each (scratch_slots)
 };
 
 inline int device_attribute(cudaDeviceAttr attr) {
@@ -100,6 +104,18 @@ inline Plan plan_of(const Params& p, bool fwd, int elem) {
   // and in the forward (100x100 0.116 -> 0.127).
   if (plan.uniform && !fwd && plan.K == 4 && plan.P == 1) plan.S = 2;
   return plan;
+}
+
+// The backward's persistent blocks (v19), each with its slot of the strip scratch: kBlocksPerSM per SM, the most that
+// are resident at once (its kernels use 64 or more registers per thread at 512 threads, or over 100 at 256: the
+// register file holds two such blocks; where it holds one, the second half takes its turn after the first), and never
+// more than the blocks of work.
+constexpr int kBlocksPerSM = 2;
+inline int scratch_slots(const Params& p, int elem) {
+  static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const long channel_blocks = (long)p.batch * p.dim / plan_of(p, false, elem).P;
+  const long blocks = channel_blocks * ((p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  return (int)std::min<long>((long)kBlocksPerSM * sms, blocks);
 }
 
 // One launcher pair per input dtype, each compiled in its own translation unit (they build in parallel).
