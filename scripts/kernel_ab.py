@@ -118,6 +118,8 @@ def setup(batch: int, d: int, n: int, H: int, W: int, dtype: str, strip: int):
 def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
     import torch
 
+    from ops.selective_scan import aligned_width
+
     libs = {name: load(name) for name in names}
     dtypes = {lib.ab_dtype().decode() for lib in libs.values()}
     if len(dtypes) > 1:
@@ -152,6 +154,10 @@ def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
 
     strips = {name: lib.ab_strip() for name, lib in libs.items()}
     for shape in shapes:
+        width = shape[4]
+        if aligned_width(width, getattr(torch, dtype)) != width:  # as ops.selective_scan_2d would
+            print(f"note: ops.selective_scan_2d widens rows of {width} columns to "
+                  f"{aligned_width(width, getattr(torch, dtype))} for the wide loads; timed here as given", flush=True)
         args = {strip: setup(*shape, dtype, strip) for strip in set(strips.values())}  # the same inputs (seeded)
         first = outputs(libs[names[0]], *args[strips[names[0]]])
         fwd = {name: [] for name in names}
