@@ -154,10 +154,10 @@ def run(names: list[str], shapes: list[tuple], reps: int, rounds: int) -> None:
 
     strips = {name: lib.ab_strip() for name, lib in libs.items()}
     for shape in shapes:
-        width = shape[4]
-        if aligned_width(width, getattr(torch, dtype)) != width:  # as ops.selective_scan_2d would
-            print(f"note: ops.selective_scan_2d widens rows of {width} columns to "
-                  f"{aligned_width(width, getattr(torch, dtype))} for the wide loads; timed here as given", flush=True)
+        width, wide = shape[4], aligned_width(shape[4], getattr(torch, dtype))
+        if wide != width:  # ops.selective_scan_2d would
+            print(f"note: ops.selective_scan_2d widens rows of {width} columns to {wide} for the wide loads; "
+                  "timed here as given", flush=True)
         args = {strip: setup(*shape, dtype, strip) for strip in set(strips.values())}  # the same inputs (seeded)
         first = outputs(libs[names[0]], *args[strips[names[0]]])
         fwd = {name: [] for name in names}
