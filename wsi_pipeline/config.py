@@ -18,6 +18,14 @@ class ConfigError(ValueError):
     """A setting out of its range or not among its choices; the message names the key and what it accepts."""
 
 
+class InvalidSettings(ConfigError):
+    """Settings that their rules reject, each problem a line of `problems` (one message lists them all)."""
+
+    def __init__(self, problems: list[str], hint: str = ""):
+        self.problems = list(problems)
+        super().__init__(f"invalid setting(s): {'; '.join(self.problems)}" + (f"; {hint}" if hint else ""))
+
+
 Rule = tuple[Callable[[Any], bool], str]  # (accepts the value?, what it must be)
 
 
@@ -29,7 +37,7 @@ def check_settings(group: str, settings: object, rules: dict[str, Rule], hint: s
     bad = [f"{prefix}{key}={getattr(settings, key)!r} (must be {what})" for key, (accepts, what) in rules.items()
            if not accepts(getattr(settings, key))]
     if bad:
-        raise ConfigError(f"invalid setting(s): {'; '.join(bad)}" + (f"; {hint}" if hint else ""))
+        raise InvalidSettings(bad, hint)
 
 
 def _number(value) -> bool:

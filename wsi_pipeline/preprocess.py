@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import CONFIG_DIR, ConfigError, check_settings, compose_app, positive, whole
+from .config import CONFIG_DIR, ConfigError, InvalidSettings, check_settings, compose_app, positive, whole
 from .h5io import PatchGrid, write_patches
 from .patching import PatchParams, lattice_shape, patch_grid
 from .qc import draw_qc, write_thumbnail
@@ -47,8 +47,8 @@ class PreprocessSettings:
         def checked(make) -> None:  # every group's problems are collected into one message
             try:
                 make()
-            except ConfigError as err:
-                problems.append(str(err).removeprefix("invalid setting(s): "))
+            except InvalidSettings as err:
+                problems.extend(err.problems)
 
         for name, params in {"segment": SegmentParams, "patching": PatchParams}.items():
             values = OmegaConf.to_container(cfg[name])
@@ -61,7 +61,7 @@ class PreprocessSettings:
         checked(lambda: check_settings("slide", cfg.slide, {"mpp": mpp}))
         checked(lambda: check_settings("qc", cfg.qc, {"thumbnail_max_px": whole(1)}))
         if problems:
-            raise ConfigError(f"invalid setting(s): {'; '.join(problems)}")
+            raise InvalidSettings(problems)
         return cls(**made, mpp_override=cfg.slide.mpp, thumbnail_max_px=cfg.qc.thumbnail_max_px)
 
     def recorded(self, have: dict) -> dict:
