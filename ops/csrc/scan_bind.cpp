@@ -188,8 +188,9 @@ std::vector<torch::Tensor> scan2d_bwd(torch::Tensor u, torch::Tensor delta, torc
     p.ypre = ypre->data_ptr<float>(), p.dz = dz.data_ptr();
   }
   // the strip scratch, a slot (of P x kWarpsPerBlock states) per persistent block of the backward (scratch_slots)
-  p.n_slots = scan::scratch_slots(p, u.element_size());
-  const int64_t slot_states = (int64_t)p.n_slots * scan::plan_of(p, false, u.element_size()).P * scan::kWarpsPerBlock;
+  const int P = scan::plan_of(p, false, u.element_size()).P;
+  p.n_slots = scan::scratch_slots(p, P);
+  const int64_t slot_states = (int64_t)p.n_slots * P * scan::kWarpsPerBlock;
   auto hbuf = torch::empty({std::max<int64_t>(1, slot_states * (s.strip - 1) * s.width)}, f32);
   auto gbuf = torch::empty({slot_states * s.strip * s.n_tiles}, f32);
   auto carry = scratch(s, s.n_tiles > 1 && s.height > 1 ? 1 : 0, s.width, u);

@@ -109,11 +109,11 @@ inline Plan plan_of(const Params& p, bool fwd, int elem) {
 // The backward's persistent blocks (v19), each with its slot of the strip scratch: kBlocksPerSM per SM, the most that
 // are resident at once (its kernels use 64 or more registers per thread at 512 threads, or over 100 at 256: the
 // register file holds two such blocks; where it holds one, the second half takes its turn after the first), and never
-// more than the blocks of work.
+// more than the blocks of work (of P channels each: the backward's plan_of).
 constexpr int kBlocksPerSM = 2;
-inline int scratch_slots(const Params& p, int elem) {
+inline int scratch_slots(const Params& p, int P) {
   static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const long channel_blocks = (long)p.batch * p.dim / plan_of(p, false, elem).P;
+  const long channel_blocks = (long)p.batch * p.dim / P;
   const long blocks = channel_blocks * ((p.dstate + kWarpsPerBlock - 1) / kWarpsPerBlock);
   return (int)std::min<long>((long)kBlocksPerSM * sms, blocks);
 }
