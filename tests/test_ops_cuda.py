@@ -323,3 +323,62 @@ def test_mamba_inner_matches_reference(kind, height, width, dtype):
     for name, got, want in zip(names, mine, ref):
         assert got.grad.dtype == torch.float32 and got.grad.shape == got.shape, name
         assert rel_err(got.grad, want.grad) < tol, f"d{name}: {rel_err(got.grad, want.grad):.2e}"
+
+
+def captured_case(kind, dtype, seed):
+    """(function, its keyword inputs) of a forward through one of the ops, inputs drawn from `seed`."""
+    if kind == "mamba_inner":
+        from test_ops_reference import mixer_weights
+
+        weights = mixer_weights(d_model=16, d_inner=32, n=16, kind="2d", seed=seed, dtype=torch.float32, device="cuda")
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = dict(x=torch.randn(9 * 70, 16, generator=g, device="cuda"), **weights)
+
+        def fn(**k):
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                return ops.mamba_inner(**k, kind="2d", height=9, width=70)
+        return fn, x
+    if kind == "lattice_conv":
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = dict(x=torch.randn(2, 8, 13 * 29, generator=g, device="cuda").to(dtype),
+                 weight=torch.randn(8, 1, 3, 3, generator=g, device="cuda"),
+                 bias=torch.randn(8, generator=g, device="cuda"))
+        return (lambda **k: ops.lattice_conv_silu(**k, height=13, width=29)), x
+    x = make(2, 8, 16, 13 * 29 if kind == "scan2d" else 300, dtype, options=True, seed=seed)
+    if kind == "scan2d":
+        return (lambda **k: ops.selective_scan_2d(**k, height=13, width=29)), x
+    return ops.selective_scan_1d, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["scan2d", "scan1d", "lattice_conv", "mamba_inner"])
+def test_forward_backward_replays_in_a_cuda_graph(kind, dtype):
+    """A step's forward and backward through the ops, captured in a CUDA graph (`ops.graphs.capture`), replayed on
+    new input values (copied into the captured tensors), gives the output and gradients of the eager step on those
+    values (up to the order of the kernels' float atomics, which a 16-bit rounding after them can show)."""
+    fn, static = captured_case(kind, dtype, seed=0)
+    leaves = [v.requires_grad_() for v in static.values() if torch.is_tensor(v)]
+    dout = torch.randn_like(fn(**static)).detach()
+    outs = []
+
+    def step():
+        outs.append(fn(**static))
+        outs[-1].backward(dout)
+
+    graph = ops.graphs.capture(step, grads_to_none=leaves)
+    out, tol = outs[-1], 1e-5 if dtype == torch.float32 else 2e-3
+    for seed in (1, 2):
+        _, fresh = captured_case(kind, dtype, seed)
+        with torch.no_grad():
+            for k, v in fresh.items():
+                if torch.is_tensor(v):
+                    static[k].copy_(v)
+        graph.replay()
+        eager = {k: (v.detach().clone().requires_grad_() if torch.is_tensor(v) else v) for k, v in fresh.items()}
+        want = fn(**eager)
+        want.backward(dout)
+        torch.cuda.synchronize()
+        assert rel_err(out, want) < tol, f"output: {rel_err(out, want):.2e}"
+        for k, v in static.items():
+            if torch.is_tensor(v):
+                assert rel_err(v.grad, eager[k].grad) < tol, f"d{k}: {rel_err(v.grad, eager[k].grad):.2e}"
