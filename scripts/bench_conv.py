@@ -3,7 +3,8 @@ and SiLU (the reference), forward and forward+backward, at the Mamba block's sha
 
     python scripts/bench_conv.py [--reps 100] [--channels 256] [--side 200]
 
-Median times (triton.testing.do_bench, as scripts/bench_scan.py) and peak memory of forward+backward, per dtype.
+Median times, eager (triton.testing.do_bench) and replayed from a CUDA graph (`bench_scan.bench_one`), and peak
+memory of forward+backward, per dtype.
 """
 from __future__ import annotations
 
@@ -40,9 +41,12 @@ def main() -> None:
                                                                          height=H, width=W),
         }
         times = {name: bench_one(fn, x, args.reps) for name, fn in impls.items()}
-        (kf, kb, km), (pf, pb, pm) = times["kernels"], times["pytorch"]
-        print(f"{str(dtype):>15}: kernels fwd {kf:.3f} fwd+bwd {kb:.3f} ({km:.0f} MiB) | pytorch fwd {pf:.3f} "
-              f"fwd+bwd {pb:.3f} ({pm:.0f} MiB) | fwd+bwd {pb / kb:.1f}x faster")
+        for name, r in times.items():
+            print(f"{str(dtype):>15} {name:>8}: fwd {r['fwd_ms']:.3f} fwd+bwd {r['fwd_bwd_ms']:.3f} | graph: fwd "
+                  f"{r['fwd_graph_ms']:.3f} fwd+bwd {r['fwd_bwd_graph_ms']:.3f} | {r['peak_mib']:.0f} MiB")
+        k, p = times["kernels"], times["pytorch"]
+        print(f"{'':>15} fwd+bwd: kernels {p['fwd_bwd_ms'] / k['fwd_bwd_ms']:.1f}x faster eager, "
+              f"{p['fwd_bwd_graph_ms'] / k['fwd_bwd_graph_ms']:.1f}x replayed")
 
 
 if __name__ == "__main__":

@@ -2,16 +2,18 @@
 
     python scripts/bench_scan.py [--out bench_out/scan.json] [--reps 100] [--no-reference]
 
-For each (batch, d, n, H x W) of the issue and each dtype: median times (triton.testing.do_bench, CUDA events),
-peak memory of forward+backward, and the achieved HBM bandwidth of the minimal traffic (each input read once,
-each output written once) as a fraction of the H100's 3.35 TB/s. The call is 2DMambaMIL's: D, z, delta_bias
-and softplus on.
+For each (batch, d, n, H x W) of the issue and each dtype: median times of the eager calls (triton.testing.do_bench,
+CUDA events: what an eager training step sees, host included) and of the same calls replayed from a CUDA graph
+(the GPU's time alone), peak memory of forward+backward, and the achieved HBM bandwidth of the minimal traffic
+(each input read once, each output written once, over the graph's time) as a fraction of the H100's 3.35 TB/s.
+The call is 2DMambaMIL's: D, z, delta_bias and softplus on.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import statistics
 import sys
 from pathlib import Path
 
@@ -46,26 +48,52 @@ def min_bytes(batch, d, n, L, dtype, backward):
     return fwd + ((4 * batch * d * L + 2 * batch * n * L) * esize if backward else 0)
 
 
-def bench_one(fn, x, reps):
+def graph_median(step, leaves, replays: int) -> float:
+    """Median milliseconds of `step` captured in a CUDA graph (`ops.graphs.capture`), each replay timed alone with
+    CUDA events after an L2 flush (as do_bench times each call): the GPU's time, without the host's gaps between
+    launches that an eager step pays where the host is its bound."""
+    graph = ops.graphs.capture(step, grads_to_none=leaves)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # do_bench's L2 flush
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def bench_one(fn, x, reps, replays: int = 100) -> dict:
+    """Eager medians (do_bench, host included) and CUDA-graph medians (the GPU alone) of the forward and of
+    forward+backward, in ms, and the peak memory of one eager forward+backward above what was allocated before (MiB).
+    """
     from triton.testing import do_bench
 
     grads = [v for v in x.values() if torch.is_tensor(v) and v.requires_grad]
-    with torch.no_grad():
-        fwd = do_bench(lambda: fn(**x), warmup=10, rep=reps, return_mode="median")
-    out = fn(**x)
-    dout = torch.randn_like(out)
+
+    def forward():
+        with torch.no_grad():
+            fn(**x)
+
+    with torch.no_grad():  # (a live autograd graph over x, recorded outside, would break the capture: ops.graphs)
+        dout = torch.randn_like(fn(**x))
 
     def step():
         fn(**x).backward(dout)
 
-    both = do_bench(step, warmup=10, rep=reps, grad_to_none=grads, return_mode="median")
+    times = dict(fwd_ms=do_bench(forward, warmup=10, rep=reps, return_mode="median"),
+                 fwd_bwd_ms=do_bench(step, warmup=10, rep=reps, grad_to_none=grads, return_mode="median"),
+                 fwd_graph_ms=graph_median(forward, grads, replays),
+                 fwd_bwd_graph_ms=graph_median(step, grads, replays))
+    for v in grads:
+        v.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd, both, peak
+    return dict(times, peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
 
 
 def run(reps: int, reference: bool) -> list[dict]:
@@ -80,15 +108,16 @@ def run(reps: int, reference: bool) -> list[dict]:
                 impls["2D reference (GPU)"] = lambda **k: ops.selective_scan_2d_ref(**k, height=H, width=W,
                                                                                    delta_softplus=True)
             for name, fn in impls.items():
+                kernel = "kernel" in name
                 try:
-                    fwd, both, peak = bench_one(fn, x, reps if "kernel" in name else max(5, reps // 10))
+                    r = bench_one(fn, x, reps if kernel else max(5, reps // 10), replays=100 if kernel else 5)
                 except torch.OutOfMemoryError:
                     LOG.warning("%s out of memory at %s", name, (batch, d, n, H, W))
                     torch.cuda.empty_cache()
                     continue
-                bw = min_bytes(batch, d, n, L, dtype, True) / (both * 1e-3) / PEAK_BW
+                bw = min_bytes(batch, d, n, L, dtype, True) / (r["fwd_bwd_graph_ms"] * 1e-3) / PEAK_BW
                 rows.append(dict(shape=f"{batch}, {d}, {n}, {H}x{W}", dtype=str(dtype).replace("torch.", ""),
-                                 impl=name, fwd_ms=fwd, fwd_bwd_ms=both, peak_mib=peak, hbm_fraction=bw))
+                                 impl=name, **r, hbm_fraction=bw))
                 LOG.info("%s", rows[-1])
             del x
             torch.cuda.empty_cache()
@@ -96,11 +125,12 @@ def run(reps: int, reference: bool) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| shape (batch, d, n, HxW) | dtype | implementation | fwd ms | fwd+bwd ms | peak MiB | HBM (min bytes) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| shape (batch, d, n, HxW) | dtype | implementation | fwd ms | fwd+bwd ms | fwd ms (graph) | "
+             "fwd+bwd ms (graph) | peak MiB | HBM (min bytes, graph) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r['peak_mib']:.0f} | {100 * r['hbm_fraction']:.1f}% |")
+                     f"{r['fwd_graph_ms']:.3f} | {r['fwd_bwd_graph_ms']:.3f} | {r['peak_mib']:.0f} | "
+                     f"{100 * r['hbm_fraction']:.1f}% |")
     return "\n".join(lines)
 
 
