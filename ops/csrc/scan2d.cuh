@@ -508,6 +508,7 @@ __device__ __forceinline__ void stg(float* dst, int valid, bool vec, const float
 // use. On for 8 columns of 16-bit values (the backward at rows over 128 columns: 1.94 -> 1.80 ms at 200x200 bf16)
 // with one channel per warp: the packed backward (P = 2, 4) spilled 92-140 bytes with it and ran 7-10% slower
 // (64x192x56x56 bf16: 6.53 ms with, 5.91 without). Where it is off, get() is the plain load at the same place.
+// The uniform-rows forward reads its B and C with it too (v20).
 template <typename T, int K, int P, bool kWhole = false>
 struct Ahead {
   static constexpr bool kOn = K == 8 && sizeof(T) == 2 && P == 1;
@@ -614,16 +615,35 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
     });
   };
   const bool vec = kU || wide_ok<T, K>(W), vecf = kU || wide_ok<float, K>(W);
+  // v20: B and C of the next step read ahead in the uniform-rows kernels (Ahead: 8 columns of 16-bit values, one
+  // channel per warp). kernel_ab, bf16 forward: 1x256x200x200 0.331 -> 0.325 ms, 16x256x160x160 3.609 -> 3.504
+  // (63 registers, no spills); not in the general kernels, where the 1D scan's rows of several tiles slowed
+  // (1x256x1x40000 0.388 -> 0.409).
+  constexpr bool kAhead = kU && Ahead<T, K, P, kU>::kOn;
+  Ahead<T, K, P, kU> aheadB, aheadC;
+  auto fetch = [&](int s) {
+    const int2 it = split_step(s, nt);
+    const int j0 = it.y * SEGT + slane * K, valid = active ? W - j0 : 0;
+    aheadB.fetch(ch.B + it.x * W, j0, valid, vec);
+    aheadC.fetch(ch.C + it.x * W, j0, valid, vec);
+  };
+  if constexpr (kAhead) fetch(0);
   auto step = [&](int s) {
     const int2 it = split_step(s, nt);
     const int i = it.x, t = it.y, j0 = t * SEGT + slane * K;
     const int valid = active ? W - j0 : 0;
     if (t == 0) gc = 0.f;
     float dt[K], uu[K], dA[K], bu[K], cc[K];
-    ldg<T, K, true, kU>(ch.C + i * W, j0, valid, vec, cc);
+    if constexpr (kAhead) {
+      aheadC.get(ch.C + i * W, j0, valid, vec, cc);
+      aheadB.get(ch.B + i * W, j0, valid, vec, bu);
+      if (s + 1 < steps) fetch(s + 1);
+    } else {
+      ldg<T, K, true, kU>(ch.C + i * W, j0, valid, vec, cc);
+    }
     lds<K>(sm.stage_ptr(0, s, lane * K), dt);
     lds<K>(sm.stage_ptr(1, s, lane * K), uu);
-    ldg<T, K, true, kU>(ch.B + i * W, j0, valid, vec, bu);
+    if constexpr (!kAhead) ldg<T, K, true, kU>(ch.B + i * W, j0, valid, vec, bu);
     const float2 ab = discretise<K>(dt, uu, ch.a2, dA, bu);
     float g = warp_scan_in<SEG, kU>(ab.x, ab.y, gc);
     if (nt > 1) {
