@@ -358,7 +358,8 @@ def test_forward_backward_replays_in_a_cuda_graph(kind, dtype):
     values (up to the order of the kernels' float atomics, which a 16-bit rounding after them can show)."""
     fn, static = captured_case(kind, dtype, seed=0)
     leaves = [v.requires_grad_() for v in static.values() if torch.is_tensor(v)]
-    dout = torch.randn_like(fn(**static)).detach()
+    with torch.no_grad():  # (no autograd graph over the leaves may outlive the eager call: ops.graphs)
+        dout = torch.randn_like(fn(**static))
     outs = []
 
     def step():

@@ -616,8 +616,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, 2) scan2d_fwd_kernel(Para
   };
   const bool vec = kU || wide_ok<T, K>(W), vecf = kU || wide_ok<float, K>(W);
   // v20: B and C of the next step read ahead in the uniform-rows kernels (Ahead: 8 columns of 16-bit values, one
-  // channel per warp). kernel_ab, bf16 forward: 1x256x200x200 0.331 -> 0.325 ms, 16x256x160x160 3.609 -> 3.504
-  // (63 registers, no spills); not in the general kernels, where the 1D scan's rows of several tiles slowed
+  // channel per warp). kernel_ab, bf16 forward: 1x256x200x200 0.339 -> 0.332 ms, 16x256x160x160 3.624 -> 3.522
+  // (64 registers, no spills); not in the general kernels, where the 1D scan's rows of several tiles slowed
   // (1x256x1x40000 0.388 -> 0.409).
   constexpr bool kAhead = kU && Ahead<T, K, P, kU>::kOn;
   Ahead<T, K, P, kU> aheadB, aheadC;
