@@ -98,6 +98,12 @@ def test_env_forces_the_reference(monkeypatch):
     assert out.shape == (1, 2, 6)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a CUDA device")
+def test_graph_capture_without_cuda_says_so():
+    with pytest.raises(RuntimeError, match="CUDA-graph capture needs a CUDA device"):
+        ops.graphs.capture(lambda: None)
+
+
 @pytest.mark.skipif(not _have_nvcc() and not NVCC_REQUIRED, reason="no CUDA toolkit (nvcc) on this machine")
 def test_kernel_ab_variant_builds_with_the_params_layout_of_its_mirror():
     """scripts/kernel_ab.py compiles a variant of ops/csrc and loads it; its ctypes mirror of scan::Params has the
